@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Developer set-up and entry points. Works on a fresh Debian/Raspberry Pi OS
+# machine that has only python3, run as root or by a user with sudo.
+#
+#   bash deploy/dev.sh demo    simulated vehicle + gateway + live view (Ctrl-C to stop)
+#   bash deploy/dev.sh test    lint, type-check and run the whole test suite
+#   bash deploy/dev.sh bench   run the benchmarks under bench/
+#
+# Everything Python goes into .venv/ beside this repository's pyproject.toml,
+# pinned by deploy/constraints.txt. System packages are installed only when
+# missing.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+venv="$here/.venv"
+python="${PYTHON:-python3}"
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@";
+  elif command -v sudo >/dev/null 2>&1; then sudo "$@";
+  else echo "dev.sh: need root to run: $*" >&2; return 1; fi
+}
+
+apt_ensure() {
+  # apt_ensure PACKAGE... : install the Debian packages that are not installed yet.
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "dev.sh: please install: ${missing[*]}" >&2; return 1
+  fi
+  echo "dev.sh: installing ${missing[*]}" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+ensure_venv() {
+  if [ ! -x "$venv/bin/python" ]; then
+    if ! "$python" -c "import venv, ensurepip" >/dev/null 2>&1; then
+      apt_ensure python3-venv
+    fi
+    "$python" -m venv "$venv"
+  fi
+  local stamp="$venv/.installed"
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ deploy/constraints.txt -nt "$stamp" ]; then
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+      -c deploy/constraints.txt -e ".[test]"
+    touch "$stamp"
+  fi
+}
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+  demo)
+    ensure_venv
+    exec "$venv/bin/python" -m hil demo "$@"
+    ;;
+  test)
+    ensure_venv
+    "$venv/bin/ruff" check gateway hil tests bench
+    "$venv/bin/mypy"
+    exec "$venv/bin/python" -m pytest "$@"
+    ;;
+  bench)
+    ensure_venv
+    for b in bench/bench_*.py; do "$venv/bin/python" "$b" "$@"; done
+    ;;
+  *)
+    sed -n '2,12p' "$0" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,142 @@
+"""The per-frame path: classify, decode (only when the payload is new), write state.
+
+Cost control, in order of effect:
+
+1. Frames whose ID the profile does not map are counted and dropped before
+   any decoding.
+2. Each mapped ID keeps a small cache from payload bytes to the resolved
+   state updates. Cyclic frames repeat their payload most of the time (a
+   parked car, slow temperatures, multiplexed cell pages), and a cache hit
+   costs a dict lookup instead of a cantools decode. A hit still refreshes the
+   timestamps: the value was re-confirmed by a new frame.
+3. cantools decodes raw integers (no scaling, no choice objects); one
+   precomputed affine map per signal does scaling and unit conversion.
+
+Bad input is counted per reason under ``decode.<reason>`` and logged once per
+interval per reason, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, cast
+
+import can
+
+from gateway.decode.plan import EXTENDED, BusPlan, MessagePlan
+from gateway.health import Counters, RateLimitedLog
+from gateway.state import SignalState
+from gateway.state.store import Value
+
+log = logging.getLogger(__name__)
+
+CACHE_ENTRIES = 32
+"""Payloads remembered per ID: enough for every page of a multiplexed message."""
+
+Update = tuple[SignalState, Value | None, bool]
+
+
+class Decoder:
+    """Decodes batches of frames from one bus into the state store."""
+
+    def __init__(self, plan: BusPlan, counters: Counters, rlog: RateLimitedLog) -> None:
+        self.bus = plan.spec.name
+        self._mapped = plan.mapped
+        self._known = plan.known
+        self._counters = counters
+        self._rlog = rlog
+        self._frames_key = f"can.{self.bus}.frames"
+
+    def process(self, batch: Sequence[can.Message]) -> None:
+        """Decode every frame of ``batch`` into state. Never raises for bad frames."""
+        self._counters.inc(self._frames_key, len(batch))
+        mapped = self._mapped
+        for msg in batch:
+            if msg.is_error_frame or msg.is_remote_frame:
+                self._reject(msg, "error_frame" if msg.is_error_frame else "remote_frame")
+                continue
+            aid = msg.arbitration_id
+            plan = mapped.get(aid | EXTENDED if msg.is_extended_id else aid)
+            if plan is None:
+                self._unmapped(msg)
+                continue
+            data = bytes(msg.data)
+            updates = plan.cache.get(data)
+            if updates is None:
+                if len(data) != plan.length:
+                    self._wrong_length(plan, msg, data)
+                    continue
+                updates = self._decode(plan, data, msg)
+                if updates is None:
+                    continue
+            ts = msg.timestamp
+            for slot, value, valid in updates:
+                slot.value = value
+                slot.valid = valid
+                slot.timestamp = ts
+
+    def _decode(
+        self, plan: MessagePlan, data: bytes, msg: can.Message
+    ) -> tuple[Update, ...] | None:
+        try:
+            decoded = cast(
+                "dict[str, Any]",
+                plan.message.decode(
+                    data, decode_choices=False, scaling=False, decode_containers=False
+                ),
+            )
+        except Exception as exc:  # cantools/bitstruct raise assorted types for bad payloads
+            self._invalidate(plan, msg.timestamp)
+            self._reject(msg, "undecodable", f"{plan.name}: {exc}")
+            return None
+        updates: list[Update] = []
+        signals = plan.signals
+        for name, raw in decoded.items():
+            for sd in signals.get(name, ()):
+                value, valid = sd.convert(raw)
+                updates.append((sd.slot, value, valid))
+        result = tuple(updates)
+        cache = plan.cache
+        if len(cache) >= CACHE_ENTRIES:
+            # Payloads with a rolling counter never repeat; a full cache is simply reset.
+            cache.clear()
+            self._counters.inc("decode.cache_resets")
+        cache[data] = result
+        self._counters.inc("decode.decoded")
+        return result
+
+    def _unmapped(self, msg: can.Message) -> None:
+        aid = msg.arbitration_id
+        key = aid | EXTENDED if msg.is_extended_id else aid
+        if key in self._known:
+            # In the DBC but not in the profile: expected traffic, counted only.
+            self._counters.inc("decode.unmapped")
+            return
+        self._reject(msg, "unknown_id")
+
+    def _wrong_length(self, plan: MessagePlan, msg: can.Message, data: bytes) -> None:
+        self._invalidate(plan, msg.timestamp)
+        self._reject(msg, "wrong_dlc", f"{plan.name}: {len(data)} bytes, DBC says {plan.length}")
+
+    @staticmethod
+    def _invalidate(plan: MessagePlan, ts: float) -> None:
+        # A frame we cannot trust makes its signals invalid rather than leaving the
+        # previous value looking current.
+        for decodes in plan.signals.values():
+            for sd in decodes:
+                sd.slot.invalidate(ts)
+
+    def _reject(self, msg: can.Message, reason: str, detail: str = "") -> None:
+        self._counters.inc(f"decode.{reason}")
+        self._counters.inc(f"decode.{self.bus}.{reason}")
+        text = f"bus {self.bus}: {reason.replace('_', ' ')}: ID {_fmt_id(msg)}"
+        if detail:
+            text += f" ({detail})"
+        self._rlog.warning(f"{self.bus}:{reason}", text)
+
+
+def _fmt_id(msg: can.Message) -> str:
+    width = 8 if msg.is_extended_id else 3
+    return f"0x{msg.arbitration_id:0{width}X}"
+

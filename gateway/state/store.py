@@ -1,0 +1,138 @@
+"""The vehicle state store.
+
+One :class:`SignalState` per canonical signal, created once at start-up from
+the profile. The decoder writes into these slots directly (three attribute
+stores per value), which keeps the per-frame path cheap. Readers never see a
+bare value: they get a :class:`SignalView` that says whether the value is
+valid and whether it is stale *now*, or ask for :meth:`StateStore.good_value`,
+which answers None for anything that is not both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+Value = float | int | bool | str
+
+
+class SignalState:
+    """Mutable slot for one canonical signal.
+
+    ``timestamp`` is the *source* timestamp of the frame that last carried the
+    signal (epoch seconds), never the time the gateway processed it.
+    ``valid`` is False when the last frame said "not available" or failed a
+    check; the value is then None.
+    """
+
+    __slots__ = ("group", "kind", "path", "stale_after", "timestamp", "unit", "valid", "value")
+
+    def __init__(
+        self, path: str, unit: str, kind: str, group: str, stale_after: float | None
+    ) -> None:
+        self.path = path
+        self.unit = unit
+        self.kind = kind
+        self.group = group
+        self.stale_after = stale_after
+        self.value: Value | None = None
+        self.timestamp: float | None = None
+        self.valid = False
+
+    def is_stale(self, now: float) -> bool:
+        """True when the signal was never received or is older than its window."""
+        if self.timestamp is None:
+            return True
+        if self.stale_after is None:
+            return False
+        return now - self.timestamp > self.stale_after
+
+    def invalidate(self, timestamp: float) -> None:
+        """Mark the signal as not available as of ``timestamp``."""
+        self.value = None
+        self.valid = False
+        self.timestamp = timestamp
+
+
+@dataclass(frozen=True)
+class SignalView:
+    """An immutable reading of one signal at a given time."""
+
+    path: str
+    value: Value | None
+    unit: str
+    timestamp: float | None
+    valid: bool
+    stale: bool
+    group: str
+
+    @property
+    def good(self) -> bool:
+        """Valid and fresh: the only state in which the value may be acted on."""
+        return self.valid and not self.stale
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "path": self.path,
+            "value": self.value,
+            "unit": self.unit,
+            "ts": self.timestamp,
+            "valid": self.valid,
+            "stale": self.stale,
+        }
+
+
+class StateStore:
+    """All canonical signals of one vehicle."""
+
+    def __init__(self) -> None:
+        self._signals: dict[str, SignalState] = {}
+
+    def register(
+        self, path: str, unit: str, kind: str, group: str, stale_after: float | None
+    ) -> SignalState:
+        """Create the slot for ``path``. Registering a path twice is a profile error."""
+        if path in self._signals:
+            raise ValueError(f"signal {path!r} is mapped twice")
+        slot = SignalState(path, unit, kind, group, stale_after)
+        self._signals[path] = slot
+        return slot
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._signals
+
+    def __iter__(self) -> Iterator[SignalState]:
+        return iter(self._signals.values())
+
+    def __len__(self) -> int:
+        return len(self._signals)
+
+    def slot(self, path: str) -> SignalState:
+        """The slot for ``path``; KeyError if the profile does not map it."""
+        return self._signals[path]
+
+    def view(self, path: str, now: float) -> SignalView:
+        """A reading of ``path`` at time ``now``."""
+        s = self._signals[path]
+        return SignalView(s.path, s.value, s.unit, s.timestamp, s.valid, s.is_stale(now), s.group)
+
+    def snapshot(self, now: float) -> list[SignalView]:
+        """Readings of every signal at time ``now``, in registration order."""
+        return [self.view(path, now) for path in self._signals]
+
+    def good_value(self, path: str, now: float) -> Value | None:
+        """The value of ``path`` if it is valid and fresh at ``now``, else None.
+
+        This is the default-deny accessor: a caller cannot get a stale or
+        invalid value from it by accident. Unmapped paths also give None.
+        """
+        s = self._signals.get(path)
+        if s is None or not s.valid or s.is_stale(now):
+            return None
+        return s.value
+
+    def stale_paths(self, now: float) -> list[str]:
+        """Paths that are stale at ``now``."""
+        return [s.path for s in self._signals.values() if s.is_stale(now)]

@@ -1,0 +1,104 @@
+"""``python -m hil``: the simulated vehicle, and the all-in-one demo.
+
+- ``python -m hil sim --bus virtual:NAME|udp_multicast:GROUP|socketcan:vcan0``
+  runs the reference vehicle on a bus until Ctrl-C.
+- ``python -m hil demo`` runs the vehicle and the gateway in one process on a
+  python-can virtual bus, with the gateway's live view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.app import Pipeline, run_until
+from gateway.cli.run import LiveScreen
+from gateway.clock import SystemClock
+from gateway.config import ConfigError, load_profile
+from hil.sim import VehicleEcus, VehicleModel
+from hil.sim.runner import close_quietly, open_sim_bus, run_vehicle
+
+REFERENCE_PROFILE = Path(__file__).resolve().parents[1] / "dbc" / "profiles" / "microev-ref.toml"
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def _sim(args: argparse.Namespace) -> int:
+    interface, _, channel = args.bus.partition(":")
+    bus = open_sim_bus(interface, channel)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    if args.duration:
+        asyncio.get_running_loop().call_later(args.duration, stop.set)
+    ecus = VehicleEcus(VehicleModel(mode=args.mode, soc=args.soc))
+    try:
+        sent = await run_vehicle(bus, ecus, SystemClock(), stop)
+    finally:
+        close_quietly(bus)
+    print(f"hil sim: sent {sent} frames", file=sys.stderr)
+    return 0
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    clock = SystemClock()
+    pipeline = Pipeline.build(load_profile(args.profile), clock)
+    channel = "ev-gateway-demo"
+    options = pipeline.bus_options({pipeline.profile.buses[0].name: f"virtual:{channel}"})
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    if args.duration:
+        asyncio.get_running_loop().call_later(args.duration, stop.set)
+    sim_bus = open_sim_bus("virtual", channel)
+    ecus = VehicleEcus(VehicleModel(mode=args.mode, soc=args.soc))
+    sim = asyncio.create_task(run_vehicle(sim_bus, ecus, clock, stop))
+    pipeline.start_live(options)
+    screen = LiveScreen(pipeline, clock)
+    try:
+        await run_until(stop, pipeline, screen.refresh)
+    finally:
+        stop.set()
+        await sim
+        close_quietly(sim_bus)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point."""
+    parser = argparse.ArgumentParser(prog="python -m hil")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("sim", "run the simulated vehicle on a CAN bus"),
+                       ("demo", "simulated vehicle + gateway + live view, in one process")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--mode", choices=["drive", "charge", "park"], default="drive")
+        p.add_argument("--soc", type=float, default=80.0, help="initial state of charge, %%")
+        p.add_argument("--duration", type=float, help="stop after this many seconds")
+        if name == "sim":
+            p.add_argument("--bus", default="virtual:ev-gateway-demo",
+                           help="INTERFACE:CHANNEL, e.g. socketcan:vcan0")
+        else:
+            p.add_argument("--profile", default=str(REFERENCE_PROFILE))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(_sim(args) if args.command == "sim" else _demo(args))
+    except ConfigError as exc:
+        print(f"hil: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
