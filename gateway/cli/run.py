@@ -76,7 +76,7 @@ async def _main(args: argparse.Namespace, pipeline: Pipeline, options: Any, cloc
     screen = LiveScreen(pipeline, clock) if args.view else None
     await run_until(stop, pipeline, screen.refresh if screen else None)
     if screen:
-        await screen.refresh()
+        await screen.refresh(force=True)
     return 0
 
 
@@ -97,10 +97,10 @@ class LiveScreen:
         counters = self._pipeline.counters.snapshot("can.")
         return sum(v for k, v in counters.items() if k.endswith(".frames"))
 
-    async def refresh(self) -> None:
-        """Draw the screen if it is time to."""
+    async def refresh(self, force: bool = False) -> None:
+        """Draw the screen if it is time to (or now, with ``force``)."""
         mono = self._clock.monotonic()
-        if not self._tty and mono - self._last_plain < self._plain_every:
+        if not force and not self._tty and mono - self._last_plain < self._plain_every:
             return
         frames = self.frames()
         rate = (frames - self._last_frames) / max(1e-3, mono - self._last_t)

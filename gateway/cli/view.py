@@ -79,15 +79,12 @@ def render(
 
 
 def _array_row(head: str, leaf: str, items: list[SignalView]) -> tuple[str, str]:
-    good = [v for v in items if v.good and isinstance(v.value, int | float)]
-    label = f"{short(head)}.*.{leaf} ({len(items)})"
-    if not good:
+    values = [float(v.value) for v in items
+              if v.good and isinstance(v.value, int | float) and not isinstance(v.value, bool)]
+    label = f"{short(head)}.*.{leaf} ({len(values)}/{len(items)} fresh)"
+    if not values:
         return label, "no fresh data"
-    values = [float(v.value) for v in good if v.value is not None and not isinstance(v.value, str)]
-    unit = good[0].unit
-    lo, hi = min(values), max(values)
-    fresh = f"{len(good)}/{len(items)} fresh"
-    return label, f"{lo:g}..{hi:g} {unit} {fresh}"
+    return label, f"{min(values):g}..{max(values):g} {items[0].unit}"
 
 
 def _flags_row(head: str, items: list[SignalView]) -> tuple[str, str]:

@@ -80,6 +80,11 @@ class SignalMapping:
     sna: frozenset[int]
     index_offset: int
     line: int | None
+    key_lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def line_of(self, key: str) -> int | None:
+        """Line of ``key`` in this mapping's table (the table header if the key is absent)."""
+        return self.key_lines.get(key, self.line)
 
 
 @dataclass(frozen=True)
@@ -283,6 +288,7 @@ def _parse_mapping(t: Table, bus_names: set[str], group: bool) -> SignalMapping:
         sna=frozenset(t.int_list("sna")),
         index_offset=(t.opt_int("index_offset", 0) or 0) if group else 0,
         line=t.line,
+        key_lines={k: ln for k in t.data if (ln := t.source.key_line(t.table, t.index, k))},
     )
 
 

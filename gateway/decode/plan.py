@@ -146,7 +146,8 @@ def _find_message(plan: BusPlan, name: str) -> Message | None:
 
 def _fail(profile: Profile, mapping: SignalMapping, key: str, message: str) -> ConfigError:
     kind = "signal_group" if mapping.pattern else "signal"
-    return ConfigError(str(profile.file), message, line=mapping.line, key=f"{kind}.{key}")
+    return ConfigError(str(profile.file), message, line=mapping.line_of(key),
+                       key=f"{kind}.{key}")
 
 
 def _resolve(
