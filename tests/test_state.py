@@ -24,7 +24,7 @@ def test_never_received_is_stale_and_has_no_good_value():
 def test_value_turns_stale_after_its_window():
     store = StateStore()
     slot = store.register("Vehicle.Speed", "km/h", "number", "motion", stale_after=0.06)
-    slot.value, slot.valid, slot.timestamp = 42.0, True, 100.0
+    slot.set(42.0, 100.0)
     assert store.good_value("Vehicle.Speed", 100.059) == 42.0
     assert store.good_value("Vehicle.Speed", 100.0601) is None
     assert store.view("Vehicle.Speed", 100.0601).stale
@@ -34,7 +34,7 @@ def test_value_turns_stale_after_its_window():
 def test_event_driven_signals_never_go_stale():
     store = StateStore()
     slot = store.register("Vehicle.Body.CommandAckSeq", "", "number", "body", stale_after=None)
-    slot.value, slot.valid, slot.timestamp = 3, True, 0.0
+    slot.set(3, 0.0)
     assert store.good_value("Vehicle.Body.CommandAckSeq", 1e9) == 3
 
 

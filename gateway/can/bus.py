@@ -9,8 +9,6 @@ import can
 
 from gateway.config.profile import BusSpec
 
-INTERFACES = ("socketcan", "slcan", "virtual", "udp_multicast", "pcan", "kvaser", "gs_usb")
-
 
 @dataclass(frozen=True)
 class BusOptions:

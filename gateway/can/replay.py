@@ -23,7 +23,8 @@ import can
 
 from gateway.clock import Clock
 
-LOG_SUFFIXES = (".log", ".asc", ".blf", ".trc", ".csv", ".mf4", ".txt")
+# .mf4 would need asammdf, which the gateway does not install.
+LOG_SUFFIXES = (".log", ".asc", ".blf", ".trc", ".csv")
 
 
 def read_log(path: Path) -> Iterator[can.Message]:
@@ -34,7 +35,10 @@ def read_log(path: Path) -> Iterator[can.Message]:
         raise ValueError(
             f"{path}: unknown log format {path.suffix!r}; expected one of {', '.join(LOG_SUFFIXES)}"
         )
-    reader = can.LogReader(str(path))
+    # python-can's ASC reader defaults to times relative to the file start;
+    # every other format gives absolute epoch times. Make ASC agree.
+    options = {"relative_timestamp": False} if path.suffix.lower() == ".asc" else {}
+    reader = can.LogReader(str(path), **options)
     return iter(reader)
 
 
@@ -82,12 +86,15 @@ class ReplaySource:
             pending: list[can.Message] = []
             for msg in chunk:
                 offset = (msg.timestamp - first_ts) / speed
-                delay = start_mono + offset - self._clock.monotonic()
-                if delay > 0:
+                due = start_mono + offset
+                if due > self._clock.monotonic():
                     if pending:
                         yield pending
                         pending = []
-                    await self._clock.sleep(delay)
+                    # Measured after the yield: time the consumer spent counts as waited.
+                    delay = due - self._clock.monotonic()
+                    if delay > 0:
+                        await self._clock.sleep(delay)
                 if self._rebase:
                     msg.timestamp = start_wall + offset
                 pending.append(msg)

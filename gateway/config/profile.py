@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import can
+
 from gateway.config.errors import ConfigError
 from gateway.config.toml_table import SourceMap, Table
 
@@ -198,6 +200,11 @@ def _parse_buses(file: Path, tables: list[Table]) -> list[BusSpec]:
         name = t.req_str("name")
         if not _BUS_NAME.match(name):
             t.fail("name", f"expected letters, digits, '-' or '_', got {name!r}")
+        interface = t.req_str("interface")
+        if interface not in can.interfaces.VALID_INTERFACES:
+            t.fail("interface", f"python-can has no interface {interface!r}")
+        if "data_bitrate" in t.data and not t.opt_bool("fd", False):
+            t.fail("data_bitrate", "only applies with fd = true")
         if any(b.name == name for b in buses):
             t.fail("name", f"bus {name!r} is defined twice")
         dbc_files = []
@@ -209,7 +216,7 @@ def _parse_buses(file: Path, tables: list[Table]) -> list[BusSpec]:
         buses.append(
             BusSpec(
                 name=name,
-                interface=t.req_str("interface"),
+                interface=interface,
                 channel=t.req_str("channel"),
                 dbc=tuple(dbc_files),
                 bitrate=t.opt_int("bitrate", None, minimum=1),
@@ -253,6 +260,8 @@ def _parse_mapping(t: Table, bus_names: set[str], group: bool) -> SignalMapping:
     path = t.req_str("path")
     if group and "{n}" not in path:
         t.fail("path", "a signal group's path must contain {n}")
+    if not group and "{n}" in path:
+        t.fail("path", "{n} is only for [[signal_group]] paths")
     pattern = t.req_str("pattern") if group else None
     if pattern is not None:
         try:
@@ -263,7 +272,8 @@ def _parse_mapping(t: Table, bus_names: set[str], group: bool) -> SignalMapping:
             t.fail("pattern", "expected one capture group for {n}")
     bus = t.opt_str("bus")
     if bus is None and len(bus_names) > 1:
-        t.fail("bus", f"required when the profile has several buses ({', '.join(bus_names)})")
+        t.fail("bus", "required when the profile has several buses "
+               f"({', '.join(sorted(bus_names))})")
     if bus is not None and bus not in bus_names:
         t.fail("bus", f"no bus named {bus!r}; buses: {', '.join(sorted(bus_names))}")
     kind = t.opt_str("kind")
@@ -306,7 +316,8 @@ def _parse_enum(t: Table, key: str) -> tuple[EnumMap | None, bool]:
     if raw == "dbc" and key == "enum":
         return None, True
     if not isinstance(raw, dict) or not raw:
-        t.fail(key, 'expected "dbc" or a table of raw value = canonical value')
+        expected = '"dbc" or a table' if key == "enum" else "a table"
+        t.fail(key, f"expected {expected} of raw value = canonical value")
     out: EnumMap = {}
     for k, v in raw.items():
         try:

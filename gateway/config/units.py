@@ -24,9 +24,12 @@ ALIASES: dict[str, str] = {
     "rpm": "rpm", "1/min": "rpm",
     "nm": "Nm",
     "%": "%", "percent": "%",
-    "ohm": "Ohm", "kohm": "kOhm", "mohm": "MOhm",
+    "ohm": "Ohm", "kohm": "kOhm", "megaohm": "MOhm", "milliohm": "mOhm",
     "s": "s", "sec": "s", "min": "min", "h": "h",
 }
+
+# Spellings where case carries meaning (milli vs mega) are matched exactly, first.
+EXACT: dict[str, str] = {"mOhm": "mOhm", "MOhm": "MOhm", "mW": "mW", "MW": "MW"}
 
 # (from, to) -> (factor, offset)
 _AFFINE: dict[tuple[str, str], tuple[float, float]] = {
@@ -48,6 +51,10 @@ _AFFINE: dict[tuple[str, str], tuple[float, float]] = {
     ("mi", "m"): (1609.344, 0.0),
     ("Ohm", "kOhm"): (0.001, 0.0),
     ("MOhm", "kOhm"): (1000.0, 0.0),
+    ("mOhm", "Ohm"): (0.001, 0.0),
+    ("mOhm", "kOhm"): (1e-6, 0.0),
+    ("mW", "W"): (0.001, 0.0),
+    ("MW", "kW"): (1000.0, 0.0),
     ("min", "s"): (60.0, 0.0),
     ("h", "s"): (3600.0, 0.0),
     ("s", "min"): (1.0 / 60.0, 0.0),
@@ -59,6 +66,8 @@ def normalise(unit: str | None) -> str:
     if not unit:
         return ""
     text = unit.strip()
+    if text in EXACT:
+        return EXACT[text]
     return ALIASES.get(text.lower(), text)
 
 

@@ -9,8 +9,9 @@ Cost control, in order of effect:
    parked car, slow temperatures, multiplexed cell pages), and a cache hit
    costs a dict lookup instead of a cantools decode. A hit still refreshes the
    timestamps: the value was re-confirmed by a new frame.
-3. cantools decodes raw integers (no scaling, no choice objects); one
-   precomputed affine map per signal does scaling and unit conversion.
+3. cantools decodes raw integers (no scaling, no choice objects), and the
+   state keeps them raw: scaling, unit conversion and enum lookup happen
+   when a value is read (see gateway.state.store), not once per frame.
 
 Bad input is counted per reason under ``decode.<reason>`` and logged once per
 interval per reason, never raised.
@@ -27,14 +28,13 @@ import can
 from gateway.decode.plan import EXTENDED, BusPlan, MessagePlan
 from gateway.health import Counters, RateLimitedLog
 from gateway.state import SignalState
-from gateway.state.store import Value
 
 log = logging.getLogger(__name__)
 
 CACHE_ENTRIES = 32
 """Payloads remembered per ID: enough for every page of a multiplexed message."""
 
-Update = tuple[SignalState, Value | None, bool]
+Update = tuple[SignalState, Any]
 
 
 class Decoder:
@@ -71,9 +71,8 @@ class Decoder:
                 if updates is None:
                     continue
             ts = msg.timestamp
-            for slot, value, valid in updates:
-                slot.value = value
-                slot.valid = valid
+            for slot, raw in updates:
+                slot.raw = raw
                 slot.timestamp = ts
 
     def _decode(
@@ -90,13 +89,10 @@ class Decoder:
             self._invalidate(plan, msg.timestamp)
             self._reject(msg, "undecodable", f"{plan.name}: {exc}")
             return None
-        updates: list[Update] = []
-        signals = plan.signals
-        for name, raw in decoded.items():
-            for sd in signals.get(name, ()):
-                value, valid = sd.convert(raw)
-                updates.append((sd.slot, value, valid))
-        result = tuple(updates)
+        slots = plan.slots
+        result = tuple([
+            (slot, raw) for name, raw in decoded.items() for slot in slots.get(name, ())
+        ])
         cache = plan.cache
         if len(cache) >= CACHE_ENTRIES:
             # Payloads with a rolling counter never repeat; a full cache is simply reset.
@@ -123,9 +119,9 @@ class Decoder:
     def _invalidate(plan: MessagePlan, ts: float) -> None:
         # A frame we cannot trust makes its signals invalid rather than leaving the
         # previous value looking current.
-        for decodes in plan.signals.values():
-            for sd in decodes:
-                sd.slot.invalidate(ts)
+        for slots in plan.slots.values():
+            for slot in slots:
+                slot.invalidate(ts)
 
     def _reject(self, msg: can.Message, reason: str, detail: str = "") -> None:
         self._counters.inc(f"decode.{reason}")

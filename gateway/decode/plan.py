@@ -37,7 +37,11 @@ def frame_key(arbitration_id: int, is_extended: bool) -> int:
 
 @dataclass(eq=False)
 class SignalDecode:
-    """How one DBC signal becomes one canonical value (from the *raw* integer)."""
+    """How one DBC signal becomes one canonical value (from the *raw* integer).
+
+    Its :meth:`convert` is installed as the state slot's converter, so it runs
+    when a value is read, not for every frame.
+    """
 
     dbc_signal: str
     slot: SignalState
@@ -82,9 +86,9 @@ class MessagePlan:
     message: Message
     signals: dict[str, list[SignalDecode]]
     cycle_s: float | None
-    cache: dict[bytes, tuple[tuple[SignalState, Value | None, bool], ...]] = field(
-        default_factory=dict
-    )
+    slots: dict[str, tuple[SignalState, ...]] = field(default_factory=dict)
+    """DBC signal name -> the state slots it feeds (the decoder's view of ``signals``)."""
+    cache: dict[bytes, tuple[tuple[SignalState, Any], ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -125,7 +129,7 @@ def _check_unique_ids(bus: BusSpec, dbs: list[tuple[Path, Database]]) -> set[int
     for path, db in dbs:
         for m in db.messages:
             key = frame_key(m.frame_id, m.is_extended_frame)
-            if key in seen and seen[key][0] != path:
+            if key in seen:
                 other, other_name = seen[key]
                 raise ConfigError(
                     str(path),
@@ -171,9 +175,9 @@ def _resolve(
     for signal, path in _expand(profile, mapping, message):
         if path in store:
             raise _fail(profile, mapping, "path", f"{path} is mapped twice")
-        plan.signals.setdefault(signal.name, []).append(
-            _signal_decode(profile, mapping, message, signal, path, plan.cycle_s, store)
-        )
+        sd = _signal_decode(profile, mapping, message, signal, path, plan.cycle_s, store)
+        plan.signals.setdefault(signal.name, []).append(sd)
+        plan.slots[signal.name] = (*plan.slots.get(signal.name, ()), sd.slot)
 
 
 def _cycle_seconds(profile: Profile, message: Message) -> float | None:
@@ -231,12 +235,29 @@ def _signal_decode(
     kind_name = entry.kind if entry else mapping.kind
     if entry and mapping.kind and mapping.kind != entry.kind:
         raise _fail(profile, mapping, "kind", f"{path} is a {entry.kind} in the catalog")
+    if entry and mapping.unit is not None and mapping.unit != entry.unit:
+        raise _fail(profile, mapping, "unit",
+                    f"{path} is in {entry.unit or 'no unit'} by the catalog; to say which unit "
+                    "the DBC uses, set source_unit")
+    if not entry and kind_name == "number" and mapping.unit is None:
+        raise _fail(profile, mapping, "unit", f"custom number {path} needs a unit (\"\" for none)")
     unit = entry.unit if entry else (mapping.unit or "")
     group = entry.group if entry else "health"
 
     enum: dict[int, Value] | None = mapping.enum
+    if mapping.enum_from_dbc and not signal.choices:
+        raise _fail(profile, mapping, "enum", f"the DBC has no value table for {signal.name}")
     if enum is None and signal.choices and (mapping.enum_from_dbc or kind_name == "string"):
         enum = {int(k): str(v) for k, v in signal.choices.items()}
+    if enum is not None:
+        _check_enum_types(profile, mapping, path, kind_name or "number", enum)
+        for key in ("scale", "offset", "special", "source_unit"):
+            if key in mapping.key_lines:
+                raise _fail(profile, mapping, key, "does not apply to an enum mapping")
+    elif kind_name == "bool":
+        for key in ("scale", "offset", "special", "source_unit"):
+            if key in mapping.key_lines:
+                raise _fail(profile, mapping, key, "does not apply to a bool (raw != 0)")
     if enum is None and kind_name == "string":
         raise _fail(profile, mapping, "enum",
                     f"{path} is a string; give an enum table (the DBC has no value table "
@@ -263,11 +284,23 @@ def _signal_decode(
         kind == KIND_NUMBER and not signal.is_float
         and float(factor).is_integer() and float(offset).is_integer()
     )
-    return SignalDecode(
+    decode = SignalDecode(
         dbc_signal=signal.name, slot=slot, kind=kind, factor=factor, offset=offset,
         ndigits=None if signal.is_float else _ndigits(factor, offset), integral=integral, enum=enum,
         sna=mapping.sna, special=mapping.special, note=note,
     )
+    slot.convert = decode.convert
+    return decode
+
+
+def _check_enum_types(
+    profile: Profile, mapping: SignalMapping, path: str, kind: str, enum: dict[int, Value]
+) -> None:
+    want: tuple[type, ...] = {"bool": (bool,), "string": (str,)}.get(kind, (int, float))
+    for raw, value in enum.items():
+        if not isinstance(value, want) or (kind == "number" and isinstance(value, bool)):
+            raise _fail(profile, mapping, "enum",
+                        f"{path} is a {kind}; raw {raw} maps to {value!r}")
 
 
 def _stale_after(

@@ -128,7 +128,7 @@ _ENTRIES = [
                  "Passenger door open"),
     CatalogEntry("Vehicle.Body.Trunk.Rear.IsOpen", "", "bool", "body", "Tailgate open"),
     CatalogEntry("Vehicle.LowVoltageSystemState", "", "string", "body",
-                 "Ignition: Off, Accessory, On, Crank"),
+                 "Ignition: OFF, ACC, ON, START"),
     CatalogEntry("Vehicle.LowVoltageBattery.CurrentVoltage", "V", "number", "health",
                  "12 V auxiliary battery voltage"),
     CatalogEntry("Vehicle.Body.LastLockSource", "", "string", "body",

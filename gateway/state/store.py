@@ -1,44 +1,81 @@
 """The vehicle state store.
 
 One :class:`SignalState` per canonical signal, created once at start-up from
-the profile. The decoder writes into these slots directly (three attribute
-stores per value), which keeps the per-frame path cheap. Readers never see a
-bare value: they get a :class:`SignalView` that says whether the value is
-valid and whether it is stale *now*, or ask for :meth:`StateStore.good_value`,
-which answers None for anything that is not both.
+the profile. Slots hold the *raw* decoded number and convert it when read:
+frames arrive hundreds to thousands of times more often than anyone reads a
+value (telemetry at 1 Hz, safety at 10 Hz), so the per-frame path does two
+attribute stores and no arithmetic. Readers never see a bare value: they get
+a :class:`SignalView` that says whether the value is valid and whether it is
+stale *now*, or ask for :meth:`StateStore.good_value`, which answers None for
+anything that is not both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 Value = float | int | bool | str
+Converter = Callable[[Any], tuple["Value | None", bool]]
+"""Raw reading -> (canonical value, valid)."""
+
+
+def _as_is(raw: Any) -> tuple[Value | None, bool]:
+    return raw, True
 
 
 class SignalState:
     """Mutable slot for one canonical signal.
 
+    ``raw`` is what the source last said (None: not available, or a frame that
+    failed a check); ``convert`` turns it into the canonical value and says
+    whether it is valid ("signal not available" codes are not).
     ``timestamp`` is the *source* timestamp of the frame that last carried the
     signal (epoch seconds), never the time the gateway processed it.
-    ``valid`` is False when the last frame said "not available" or failed a
-    check; the value is then None.
     """
 
-    __slots__ = ("group", "kind", "path", "stale_after", "timestamp", "unit", "valid", "value")
+    __slots__ = ("convert", "group", "kind", "path", "raw", "stale_after", "timestamp", "unit")
 
     def __init__(
-        self, path: str, unit: str, kind: str, group: str, stale_after: float | None
+        self,
+        path: str,
+        unit: str,
+        kind: str,
+        group: str,
+        stale_after: float | None,
+        convert: Converter | None = None,
     ) -> None:
         self.path = path
         self.unit = unit
         self.kind = kind
         self.group = group
         self.stale_after = stale_after
-        self.value: Value | None = None
+        self.convert: Converter = convert or _as_is
+        self.raw: Any = None
         self.timestamp: float | None = None
-        self.valid = False
+
+    def reading(self) -> tuple[Value | None, bool]:
+        """(value, valid) of the latest raw reading."""
+        raw = self.raw
+        if raw is None:
+            return None, False
+        return self.convert(raw)
+
+    @property
+    def value(self) -> Value | None:
+        """Canonical value; None when not available."""
+        return self.reading()[0]
+
+    @property
+    def valid(self) -> bool:
+        """True when the latest reading is a real value."""
+        return self.reading()[1]
+
+    def set(self, raw: Any, timestamp: float) -> None:
+        """Record a reading taken at ``timestamp`` (source time)."""
+        self.raw = raw
+        self.timestamp = timestamp
 
     def is_stale(self, now: float) -> bool:
         """True when the signal was never received or is older than its window."""
@@ -50,8 +87,7 @@ class SignalState:
 
     def invalidate(self, timestamp: float) -> None:
         """Mark the signal as not available as of ``timestamp``."""
-        self.value = None
-        self.valid = False
+        self.raw = None
         self.timestamp = timestamp
 
 
@@ -91,12 +127,18 @@ class StateStore:
         self._signals: dict[str, SignalState] = {}
 
     def register(
-        self, path: str, unit: str, kind: str, group: str, stale_after: float | None
+        self,
+        path: str,
+        unit: str,
+        kind: str,
+        group: str,
+        stale_after: float | None,
+        convert: Converter | None = None,
     ) -> SignalState:
         """Create the slot for ``path``. Registering a path twice is a profile error."""
         if path in self._signals:
             raise ValueError(f"signal {path!r} is mapped twice")
-        slot = SignalState(path, unit, kind, group, stale_after)
+        slot = SignalState(path, unit, kind, group, stale_after, convert)
         self._signals[path] = slot
         return slot
 
@@ -116,7 +158,8 @@ class StateStore:
     def view(self, path: str, now: float) -> SignalView:
         """A reading of ``path`` at time ``now``."""
         s = self._signals[path]
-        return SignalView(s.path, s.value, s.unit, s.timestamp, s.valid, s.is_stale(now), s.group)
+        value, valid = s.reading()
+        return SignalView(s.path, value, s.unit, s.timestamp, valid, s.is_stale(now), s.group)
 
     def snapshot(self, now: float) -> list[SignalView]:
         """Readings of every signal at time ``now``, in registration order."""
@@ -129,9 +172,10 @@ class StateStore:
         invalid value from it by accident. Unmapped paths also give None.
         """
         s = self._signals.get(path)
-        if s is None or not s.valid or s.is_stale(now):
+        if s is None or s.is_stale(now):
             return None
-        return s.value
+        value, valid = s.reading()
+        return value if valid else None
 
     def stale_paths(self, now: float) -> list[str]:
         """Paths that are stale at ``now``."""
