@@ -10,11 +10,11 @@ noise hits all of them alike; medians are reported.
 - **pipeline (receive+decode+state)**: frames are queued on a python-can
   ``virtual`` bus before the clock starts (in chunks no larger than the
   BatchQueue bound, see run_pipeline); then the gateway's own live path
-  (``Pipeline.start_live``: LiveSource reader thread -> BatchQueue -> decode
+  (``Pipeline.start_live``: LiveSource poller -> BatchQueue -> decode
   task -> Decoder.process -> state store) drains them. Timed from start_live
   until the decoder has counted every frame.
 - **decode+state only**: ``Decoder.process`` called directly on 512-frame
-  batches; no bus, thread or event loop. The gap to the line above is the
+  batches; no bus, poller or event loop. The gap to the line above is the
   cost of receiving.
 - **bare cantools**: ``db.decode_message(id, data)`` over every frame, as a
   typical user would write it. It decodes but keeps no state.
@@ -103,10 +103,9 @@ async def _drain_live(pipeline: Pipeline, options: BusOptions,
         total += len(chunk)
         gc.collect()
         start = time.perf_counter()
-        (source,) = pipeline.start_live([options])
         # A virtual bus only delivers to receivers open at send time, so the reader
-        # must get the bus filled above; start_live's reader task has not run yet.
-        source._opener = _opener_of(rx)
+        # must get the bus filled above.
+        pipeline.start_live([options], opener=_opener_of(rx))
         deadline = time.monotonic() + 120.0
         while counters.get(FRAMES_KEY) + counters.get(DROPPED_KEY) < total:
             if time.monotonic() > deadline:
@@ -122,8 +121,8 @@ def run_pipeline(profile: Profile, frames: Sequence[can.Message], channel: str
                  ) -> tuple[float, Pipeline]:
     """Seconds for the live path to take every frame into state, and the pipeline used.
 
-    The reader thread outruns decoding, so frames go in chunks no larger than
-    the BatchQueue bound: a backlog of one chunk can never make it drop frames.
+    Frames go in chunks no larger than the BatchQueue bound, so a backlog of
+    one chunk can never make it drop frames, whatever the scheduling.
     """
     pipeline = Pipeline.build(profile, SystemClock())
     (options,) = pipeline.bus_options({BUS: f"virtual:{channel}"})
@@ -183,7 +182,7 @@ def print_summary(rates: dict[str, list[float]], dropped: int, state_ok: bool) -
     )
     verdict = {True: "met", False: "NOT met"}
     print("note: bare cantools has no receive step and keeps no state; 'decode+state only' is")
-    print("      the gateway's Decoder without bus, reader thread and event loop.")
+    print("      the gateway's Decoder without bus, poller and event loop.")
     print()
     print(f"pipeline (receive+decode+state): {rate:,.0f} frames/s (median of {rounds})")
     print(f"decode+state only (no receive):  {rate_only:,.0f} frames/s (median of {rounds}), "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import can
 
-from gateway.can import BusOptions, LiveSource, ReplaySource
+from gateway.can import BusOptions, LiveSource, ReplaySource, open_bus
 from gateway.clock import Clock
 from gateway.config import Profile
 from gateway.decode import BusPlan, Decoder, build_plans
@@ -65,14 +65,18 @@ class Pipeline:
             raise ValueError(f"no bus named {', '.join(overrides)} in profile {self.profile.name}")
         return out
 
-    def start_live(self, options: Sequence[BusOptions]) -> list[LiveSource]:
-        """Start one reader and one decode task per bus."""
+    def start_live(
+        self,
+        options: Sequence[BusOptions],
+        opener: Callable[[BusOptions], can.BusABC] = open_bus,
+    ) -> list[LiveSource]:
+        """Start one reader and one decode task per bus (``opener`` opens the buses)."""
         sources = []
         for opts in options:
             queue: BatchQueue[can.Message] = BatchQueue(
                 f"can.{opts.name}", QUEUE_FRAMES, Overflow.DROP_OLDEST, self.counters
             )
-            source = LiveSource(opts, queue, self.clock, self.counters, self.rlog)
+            source = LiveSource(opts, queue, self.clock, self.counters, self.rlog, opener=opener)
             sources.append(source)
             self.tasks.append(asyncio.create_task(source.run(), name=f"rx-{opts.name}"))
             self.tasks.append(

@@ -138,12 +138,13 @@ class LiveSource:
     def _drain(self, bus: can.BusABC, fail: Callable[[BaseException], None]) -> int:
         """Read what is ready (up to one batch); returns how many frames were read."""
         batch: list[can.Message] = []
+        recv, append = bus.recv, batch.append  # bound once: this loop runs per frame
         try:
-            while len(batch) < self._max_batch:
-                msg = bus.recv(timeout=0)
+            for _ in range(self._max_batch):
+                msg = recv(0)
                 if msg is None:
                     break
-                batch.append(msg)
+                append(msg)
         except Exception as exc:  # driver errors end this connection, not the daemon
             fail(exc)
         if batch:

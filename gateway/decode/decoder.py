@@ -10,8 +10,9 @@ Cost control, in order of effect:
    costs a dict lookup instead of a cantools decode. A hit still refreshes the
    timestamps: the value was re-confirmed by a new frame.
 3. cantools decodes raw integers (no scaling, no choice objects), and the
-   state keeps them raw: scaling, unit conversion and enum lookup happen
-   when a value is read (see gateway.state.store), not once per frame.
+   state keeps them raw, one shared sample per frame (or multiplexer page):
+   recording a frame is two stores, and scaling, unit conversion and enum
+   lookup happen when a value is read (see gateway.state.store).
 
 Bad input is counted per reason under ``decode.<reason>`` and logged once per
 interval per reason, never raised.
@@ -27,14 +28,14 @@ import can
 
 from gateway.decode.plan import EXTENDED, BusPlan, MessagePlan
 from gateway.health import Counters, RateLimitedLog
-from gateway.state import SignalState
+from gateway.state import Sample
 
 log = logging.getLogger(__name__)
 
 CACHE_ENTRIES = 32
 """Payloads remembered per ID: enough for every page of a multiplexed message."""
 
-Update = tuple[SignalState, Any]
+CacheEntry = tuple[dict[str, Any], tuple[Sample, ...]]
 
 
 class Decoder:
@@ -52,34 +53,37 @@ class Decoder:
         """Decode every frame of ``batch`` into state. Never raises for bad frames."""
         self._counters.inc(self._frames_key, len(batch))
         mapped = self._mapped
+        extended = EXTENDED
         for msg in batch:
             if msg.is_error_frame or msg.is_remote_frame:
                 self._reject(msg, "error_frame" if msg.is_error_frame else "remote_frame")
                 continue
             aid = msg.arbitration_id
-            plan = mapped.get(aid | EXTENDED if msg.is_extended_id else aid)
+            plan = mapped.get(aid | extended if msg.is_extended_id else aid)
             if plan is None:
                 self._unmapped(msg)
                 continue
             data = bytes(msg.data)
-            updates = plan.cache.get(data)
-            if updates is None:
+            entry = plan.cache.get(data)
+            if entry is None:
                 if len(data) != plan.length:
                     self._wrong_length(plan, msg, data)
                     continue
-                updates = self._decode(plan, data, msg)
-                if updates is None:
+                entry = self._decode(plan, data, msg)
+                if entry is None:
                     continue
             ts = msg.timestamp
-            for slot, raw in updates:
-                slot.raw = raw
-                slot.timestamp = ts
+            values, pages = entry
+            sample = plan.sample
+            sample.timestamp = ts
+            sample.values = values
+            for sample in pages:
+                sample.timestamp = ts
+                sample.values = values
 
-    def _decode(
-        self, plan: MessagePlan, data: bytes, msg: can.Message
-    ) -> tuple[Update, ...] | None:
+    def _decode(self, plan: MessagePlan, data: bytes, msg: can.Message) -> CacheEntry | None:
         try:
-            decoded = cast(
+            values = cast(
                 "dict[str, Any]",
                 plan.message.decode(
                     data, decode_choices=False, scaling=False, decode_containers=False
@@ -89,18 +93,15 @@ class Decoder:
             self._invalidate(plan, msg.timestamp)
             self._reject(msg, "undecodable", f"{plan.name}: {exc}")
             return None
-        slots = plan.slots
-        result = tuple([
-            (slot, raw) for name, raw in decoded.items() for slot in slots.get(name, ())
-        ])
+        entry = (values, plan.page_samples(values))
         cache = plan.cache
         if len(cache) >= CACHE_ENTRIES:
             # Payloads with a rolling counter never repeat; a full cache is simply reset.
             cache.clear()
             self._counters.inc("decode.cache_resets")
-        cache[data] = result
+        cache[data] = entry
         self._counters.inc("decode.decoded")
-        return result
+        return entry
 
     def _unmapped(self, msg: can.Message) -> None:
         aid = msg.arbitration_id
@@ -119,9 +120,9 @@ class Decoder:
     def _invalidate(plan: MessagePlan, ts: float) -> None:
         # A frame we cannot trust makes its signals invalid rather than leaving the
         # previous value looking current.
-        for slots in plan.slots.values():
-            for slot in slots:
-                slot.invalidate(ts)
+        for sample in plan.all_samples():
+            sample.values = None
+            sample.timestamp = ts
 
     def _reject(self, msg: can.Message, reason: str, detail: str = "") -> None:
         self._counters.inc(f"decode.{reason}")

@@ -21,7 +21,7 @@ from gateway.config.errors import ConfigError
 from gateway.config.profile import BusSpec, Profile, SignalMapping
 from gateway.config.units import conversion, normalise
 from gateway.decode.dbc import load_dbc
-from gateway.state import SignalState, StateStore, lookup
+from gateway.state import Sample, SignalState, StateStore, lookup
 from gateway.state.store import Value
 
 EXTENDED = 0x8000_0000
@@ -86,9 +86,25 @@ class MessagePlan:
     message: Message
     signals: dict[str, list[SignalDecode]]
     cycle_s: float | None
-    slots: dict[str, tuple[SignalState, ...]] = field(default_factory=dict)
-    """DBC signal name -> the state slots it feeds (the decoder's view of ``signals``)."""
-    cache: dict[bytes, tuple[tuple[SignalState, Any], ...]] = field(default_factory=dict)
+    sample: Sample = field(default_factory=Sample)
+    """Where the frame's non-multiplexed signals live."""
+    mux_signal: str | None = None
+    pages: dict[int, tuple[Sample, ...]] = field(default_factory=dict)
+    """Multiplexer value -> the samples its page updates (besides ``sample``)."""
+    page_groups: dict[frozenset[int], Sample] = field(default_factory=dict)
+    """One sample per distinct set of pages that signals are carried on."""
+    cache: dict[bytes, tuple[dict[str, Any], tuple[Sample, ...]]] = field(default_factory=dict)
+    """Payload -> (raw values, page samples): a repeated payload needs no decode."""
+
+    def page_samples(self, values: dict[str, Any]) -> tuple[Sample, ...]:
+        """The page samples a decoded frame updates besides ``sample`` (none unless muxed)."""
+        if self.mux_signal is None:
+            return ()
+        return self.pages.get(values.get(self.mux_signal, -1), ())
+
+    def all_samples(self) -> list[Sample]:
+        """Every sample of this message (to invalidate them together)."""
+        return [self.sample, *self.page_groups.values()]
 
 
 @dataclass
@@ -171,13 +187,13 @@ def _resolve(
     if plan is None:
         plan = MessagePlan(bus_name, message.name, key, message.length, message, {},
                            _cycle_seconds(profile, message))
+        plan.mux_signal = next((s.name for s in message.signals if s.is_multiplexer), None)
         bus_plan.mapped[key] = plan
     for signal, path in _expand(profile, mapping, message):
         if path in store:
             raise _fail(profile, mapping, "path", f"{path} is mapped twice")
-        sd = _signal_decode(profile, mapping, message, signal, path, plan.cycle_s, store)
+        sd = _signal_decode(profile, mapping, message, signal, path, plan, store)
         plan.signals.setdefault(signal.name, []).append(sd)
-        plan.slots[signal.name] = (*plan.slots.get(signal.name, ()), sd.slot)
 
 
 def _cycle_seconds(profile: Profile, message: Message) -> float | None:
@@ -224,7 +240,7 @@ def _signal_decode(
     message: Message,
     signal: Signal,
     path: str,
-    cycle_s: float | None,
+    plan: MessagePlan,
     store: StateStore,
 ) -> SignalDecode:
     entry = lookup(path)
@@ -277,8 +293,9 @@ def _signal_decode(
         factor = signal.scale * k * mapping.scale
         offset = (signal.offset * k + c) * mapping.scale + mapping.offset
 
-    stale_after = _stale_after(profile, message, signal, cycle_s)
-    slot = store.register(path, unit, kind_name or "number", group, stale_after)
+    stale_after = _stale_after(profile, message, signal, plan.cycle_s)
+    slot = store.register(path, unit, kind_name or "number", group, stale_after,
+                          sample=_sample_for(plan, signal), key=signal.name)
     kind = KIND_ENUM if enum is not None else KIND_BOOL if kind_name == "bool" else KIND_NUMBER
     integral = (
         kind == KIND_NUMBER and not signal.is_float
@@ -291,6 +308,24 @@ def _signal_decode(
     )
     slot.convert = decode.convert
     return decode
+
+
+def _sample_for(plan: MessagePlan, signal: Signal) -> Sample:
+    """The sample a signal lives in: the message's, or the one of its multiplexer page(s).
+
+    Only the message's top-level multiplexer selects pages; a signal on several
+    pages gets one sample that each of those pages updates.
+    """
+    ids = signal.multiplexer_ids
+    if not ids or signal.multiplexer_signal != plan.mux_signal:
+        return plan.sample
+    wanted = frozenset(ids)
+    sample = plan.page_groups.get(wanted)
+    if sample is None:
+        sample = plan.page_groups[wanted] = Sample()
+        for page in ids:
+            plan.pages[page] = (*plan.pages.get(page, ()), sample)
+    return sample
 
 
 def _check_enum_types(

@@ -2,6 +2,8 @@
 timestamp, validity and staleness."""
 
 from gateway.state.catalog import CATALOG, CatalogEntry, lookup
-from gateway.state.store import SignalState, SignalView, StateStore
+from gateway.state.store import Sample, SignalState, SignalView, StateStore
 
-__all__ = ["CATALOG", "CatalogEntry", "SignalState", "SignalView", "StateStore", "lookup"]
+__all__ = [
+    "CATALOG", "CatalogEntry", "Sample", "SignalState", "SignalView", "StateStore", "lookup",
+]

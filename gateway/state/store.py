@@ -1,10 +1,12 @@
 """The vehicle state store.
 
 One :class:`SignalState` per canonical signal, created once at start-up from
-the profile. Slots hold the *raw* decoded number and convert it when read:
-frames arrive hundreds to thousands of times more often than anyone reads a
-value (telemetry at 1 Hz, safety at 10 Hz), so the per-frame path does two
-attribute stores and no arithmetic. Readers never see a bare value: they get
+the profile. The signals of one CAN frame share one :class:`Sample`: the
+frame's source timestamp and its raw decoded values. Recording a frame is two
+attribute stores on its sample, whatever the number of signals; a slot looks
+its raw value up and converts it (scaling, units, enums) only when read.
+Frames arrive hundreds to thousands of times more often than anyone reads a
+value (telemetry at 1 Hz, safety at 10 Hz). Readers never see a bare value: they get
 a :class:`SignalView` that says whether the value is valid and whether it is
 stale *now*, or ask for :meth:`StateStore.good_value`, which answers None for
 anything that is not both.
@@ -25,17 +27,31 @@ def _as_is(raw: Any) -> tuple[Value | None, bool]:
     return raw, True
 
 
-class SignalState:
-    """Mutable slot for one canonical signal.
+class Sample:
+    """The latest reading of one source (a CAN frame, a page of a multiplexed frame).
 
-    ``raw`` is what the source last said (None: not available, or a frame that
-    failed a check); ``convert`` turns it into the canonical value and says
-    whether it is valid ("signal not available" codes are not).
-    ``timestamp`` is the *source* timestamp of the frame that last carried the
-    signal (epoch seconds), never the time the gateway processed it.
+    ``timestamp`` is the *source* timestamp (epoch seconds), never the time the
+    gateway processed it. ``values`` maps source signal names to raw values;
+    None means the source is not available (e.g. its last frame failed a check).
+    The dict is shared and must not be mutated.
     """
 
-    __slots__ = ("convert", "group", "kind", "path", "raw", "stale_after", "timestamp", "unit")
+    __slots__ = ("timestamp", "values")
+
+    def __init__(self) -> None:
+        self.timestamp: float | None = None
+        self.values: dict[str, Any] | None = None
+
+
+class SignalState:
+    """Slot for one canonical signal: where its raw value lives and how to read it.
+
+    ``key`` names the raw value inside ``sample.values``; ``convert`` turns it
+    into the canonical value and says whether it is valid ("signal not
+    available" codes are not).
+    """
+
+    __slots__ = ("convert", "group", "key", "kind", "path", "sample", "stale_after", "unit")
 
     def __init__(
         self,
@@ -45,6 +61,8 @@ class SignalState:
         group: str,
         stale_after: float | None,
         convert: Converter | None = None,
+        sample: Sample | None = None,
+        key: str | None = None,
     ) -> None:
         self.path = path
         self.unit = unit
@@ -52,8 +70,19 @@ class SignalState:
         self.group = group
         self.stale_after = stale_after
         self.convert: Converter = convert or _as_is
-        self.raw: Any = None
-        self.timestamp: float | None = None
+        self.sample = sample or Sample()
+        self.key = key or path
+
+    @property
+    def timestamp(self) -> float | None:
+        """Source timestamp of the latest reading."""
+        return self.sample.timestamp
+
+    @property
+    def raw(self) -> Any:
+        """The latest raw value; None when not available."""
+        values = self.sample.values
+        return None if values is None else values.get(self.key)
 
     def reading(self) -> tuple[Value | None, bool]:
         """(value, valid) of the latest raw reading."""
@@ -73,22 +102,23 @@ class SignalState:
         return self.reading()[1]
 
     def set(self, raw: Any, timestamp: float) -> None:
-        """Record a reading taken at ``timestamp`` (source time)."""
-        self.raw = raw
-        self.timestamp = timestamp
+        """Record a reading taken at ``timestamp``, for sources that own their slot."""
+        self.sample.values = {self.key: raw}
+        self.sample.timestamp = timestamp
 
     def is_stale(self, now: float) -> bool:
         """True when the signal was never received or is older than its window."""
-        if self.timestamp is None:
+        ts = self.sample.timestamp
+        if ts is None:
             return True
         if self.stale_after is None:
             return False
-        return now - self.timestamp > self.stale_after
+        return now - ts > self.stale_after
 
     def invalidate(self, timestamp: float) -> None:
-        """Mark the signal as not available as of ``timestamp``."""
-        self.raw = None
-        self.timestamp = timestamp
+        """Mark the signal (and every signal sharing its sample) not available."""
+        self.sample.values = None
+        self.sample.timestamp = timestamp
 
 
 @dataclass(frozen=True)
@@ -134,11 +164,17 @@ class StateStore:
         group: str,
         stale_after: float | None,
         convert: Converter | None = None,
+        sample: Sample | None = None,
+        key: str | None = None,
     ) -> SignalState:
-        """Create the slot for ``path``. Registering a path twice is a profile error."""
+        """Create the slot for ``path``. Registering a path twice is a profile error.
+
+        Slots fed by the same frame pass the same ``sample`` and their signal's
+        name in it as ``key``; a slot without a sample owns one.
+        """
         if path in self._signals:
             raise ValueError(f"signal {path!r} is mapped twice")
-        slot = SignalState(path, unit, kind, group, stale_after, convert)
+        slot = SignalState(path, unit, kind, group, stale_after, convert, sample, key)
         self._signals[path] = slot
         return slot
 
