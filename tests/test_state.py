@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.decode import load_dbc
-from gateway.state import StateStore
+from gateway.state import SignalState, StateStore
 from tests.conftest import DBC, frame
 
 TB = "Vehicle.Powertrain.TractionBattery"
@@ -14,7 +14,7 @@ BMS = load_dbc(DBC / "reference" / "microev_bms.dbc")
 
 def test_never_received_is_stale_and_has_no_good_value():
     store = StateStore()
-    store.register("Vehicle.Speed", "km/h", "number", "motion", stale_after=0.06)
+    store.register(SignalState("Vehicle.Speed", "km/h", "number", "motion", stale_after=0.06))
     view = store.view("Vehicle.Speed", 100.0)
     assert view.stale and not view.valid and not view.good
     assert store.good_value("Vehicle.Speed", 100.0) is None
@@ -23,7 +23,7 @@ def test_never_received_is_stale_and_has_no_good_value():
 
 def test_value_turns_stale_after_its_window():
     store = StateStore()
-    slot = store.register("Vehicle.Speed", "km/h", "number", "motion", stale_after=0.06)
+    slot = store.register(SignalState("Vehicle.Speed", "km/h", "number", "motion", 0.06))
     slot.set(42.0, 100.0)
     assert store.good_value("Vehicle.Speed", 100.059) == 42.0
     assert store.good_value("Vehicle.Speed", 100.0601) is None
@@ -33,16 +33,16 @@ def test_value_turns_stale_after_its_window():
 
 def test_event_driven_signals_never_go_stale():
     store = StateStore()
-    slot = store.register("Vehicle.Body.CommandAckSeq", "", "number", "body", stale_after=None)
+    slot = store.register(SignalState("Vehicle.Body.CommandAckSeq", "", "number", "body", None))
     slot.set(3, 0.0)
     assert store.good_value("Vehicle.Body.CommandAckSeq", 1e9) == 3
 
 
 def test_registering_a_path_twice_is_refused():
     store = StateStore()
-    store.register("Vehicle.Speed", "km/h", "number", "motion", 0.1)
+    store.register(SignalState("Vehicle.Speed", "km/h", "number", "motion", 0.1))
     with pytest.raises(ValueError, match="mapped twice"):
-        store.register("Vehicle.Speed", "km/h", "number", "motion", 0.1)
+        store.register(SignalState("Vehicle.Speed", "km/h", "number", "motion", 0.1))
 
 
 def test_windows_follow_the_dbc_cycle_times(ref_pipeline):

@@ -294,8 +294,8 @@ def _signal_decode(
         offset = (signal.offset * k + c) * mapping.scale + mapping.offset
 
     stale_after = _stale_after(profile, message, signal, plan.cycle_s)
-    slot = store.register(path, unit, kind_name or "number", group, stale_after,
-                          sample=_sample_for(plan, signal), key=signal.name)
+    slot = store.register(SignalState(path, unit, kind_name or "number", group, stale_after,
+                                      sample=_sample_for(plan, signal), key=signal.name))
     kind = KIND_ENUM if enum is not None else KIND_BOOL if kind_name == "bool" else KIND_NUMBER
     integral = (
         kind == KIND_NUMBER and not signal.is_float

@@ -156,26 +156,11 @@ class StateStore:
     def __init__(self) -> None:
         self._signals: dict[str, SignalState] = {}
 
-    def register(
-        self,
-        path: str,
-        unit: str,
-        kind: str,
-        group: str,
-        stale_after: float | None,
-        convert: Converter | None = None,
-        sample: Sample | None = None,
-        key: str | None = None,
-    ) -> SignalState:
-        """Create the slot for ``path``. Registering a path twice is a profile error.
-
-        Slots fed by the same frame pass the same ``sample`` and their signal's
-        name in it as ``key``; a slot without a sample owns one.
-        """
-        if path in self._signals:
-            raise ValueError(f"signal {path!r} is mapped twice")
-        slot = SignalState(path, unit, kind, group, stale_after, convert, sample, key)
-        self._signals[path] = slot
+    def register(self, slot: SignalState) -> SignalState:
+        """Add ``slot``; registering a path twice is a profile error."""
+        if slot.path in self._signals:
+            raise ValueError(f"signal {slot.path!r} is mapped twice")
+        self._signals[slot.path] = slot
         return slot
 
     def __contains__(self, path: object) -> bool:
