@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.app import Pipeline, run_until
+from gateway.app import Pipeline, run_until, stop_event
 from gateway.cli.run import LiveScreen
 from gateway.clock import SystemClock
 from gateway.config import ConfigError, load_profile
@@ -27,20 +25,10 @@ from hil.sim.runner import close_quietly, open_sim_bus, run_vehicle
 REFERENCE_PROFILE = Path(__file__).resolve().parents[1] / "dbc" / "profiles" / "microev-ref.toml"
 
 
-def _stop_on_signals(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-
-
 async def _sim(args: argparse.Namespace) -> int:
     interface, _, channel = args.bus.partition(":")
     bus = open_sim_bus(interface, channel)
-    stop = asyncio.Event()
-    _stop_on_signals(stop)
-    if args.duration:
-        asyncio.get_running_loop().call_later(args.duration, stop.set)
+    stop = stop_event(args.duration)
     ecus = VehicleEcus(VehicleModel(mode=args.mode, soc=args.soc))
     try:
         sent = await run_vehicle(bus, ecus, SystemClock(), stop)
@@ -55,10 +43,7 @@ async def _demo(args: argparse.Namespace) -> int:
     pipeline = Pipeline.build(load_profile(args.profile), clock)
     channel = "ev-gateway-demo"
     options = pipeline.bus_options({pipeline.profile.buses[0].name: f"virtual:{channel}"})
-    stop = asyncio.Event()
-    _stop_on_signals(stop)
-    if args.duration:
-        asyncio.get_running_loop().call_later(args.duration, stop.set)
+    stop = stop_event(args.duration)
     sim_bus = open_sim_bus("virtual", channel)
     ecus = VehicleEcus(VehicleModel(mode=args.mode, soc=args.soc))
     sim = asyncio.create_task(run_vehicle(sim_bus, ecus, clock, stop))

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
                     unit = f" [{slot.unit}]" if slot.unit else ""
                     note = f"  ({sd.note})" if sd.note else ""
                     print(f"    {sd.dbc_signal} -> {slot.path}{unit} stale after {stale}{note}")
-        ignored = len(plan.known) - len(plan.mapped)
+        ignored = len(plan.messages) - len(plan.mapped)
         print(f"  {len(plan.mapped)} messages mapped, {ignored} in the DBCs but not mapped")
     print(f"ok: {len(store)} canonical signals")
     return 0

@@ -19,6 +19,7 @@ from cantools.database.can import Message
 
 from gateway.config import ConfigError, load_profile
 from gateway.decode import MessagePlan, build_plans, frame_key, load_dbc
+from gateway.decode.plan import index_messages
 from gateway.state import StateStore
 
 
@@ -36,22 +37,15 @@ def add_parser(sub: Any) -> None:
 
 
 def _tables(args: argparse.Namespace) -> tuple[dict[int, Message], dict[int, MessagePlan]]:
-    messages: dict[int, Message] = {}
-    plans: dict[int, MessagePlan] = {}
     if args.profile:
         profile = load_profile(args.profile)
         bus_plans = build_plans(profile, StateStore())
         bus = args.bus or profile.buses[0].name
         if bus not in bus_plans:
             raise ConfigError(str(profile.file), f"no bus named {bus!r}", key="bus")
-        dbs = [db for _, db in bus_plans[bus].databases]
-        plans = bus_plans[bus].mapped
-    else:
-        dbs = [load_dbc(Path(f), strict=not args.no_strict) for f in args.dbc]
-    for db in dbs:
-        for m in db.messages:
-            messages[frame_key(m.frame_id, m.is_extended_frame)] = m
-    return messages, plans
+        return bus_plans[bus].messages, bus_plans[bus].mapped
+    dbs = [(Path(f), load_dbc(Path(f), strict=not args.no_strict)) for f in args.dbc]
+    return index_messages("--dbc", dbs), {}
 
 
 def run(args: argparse.Namespace) -> int:

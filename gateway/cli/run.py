@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import shutil
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.app import Pipeline, run_until
+from gateway.app import Pipeline, run_until, stop_event
 from gateway.cli import view
 from gateway.clock import Clock, SystemClock
 from gateway.config import load_profile
@@ -54,13 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace, pipeline: Pipeline, options: Any, clock: Clock) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    if args.duration:
-        loop.call_later(args.duration, stop.set)
+    stop = stop_event(args.duration)
     if args.replay:
         bus = args.replay_bus or pipeline.profile.buses[0].name
 

@@ -26,7 +26,7 @@ from typing import Any, cast
 
 import can
 
-from gateway.decode.plan import EXTENDED, BusPlan, MessagePlan
+from gateway.decode.plan import EXTENDED, BusPlan, MessagePlan, frame_key
 from gateway.health import Counters, RateLimitedLog
 from gateway.state import Sample
 
@@ -44,7 +44,7 @@ class Decoder:
     def __init__(self, plan: BusPlan, counters: Counters, rlog: RateLimitedLog) -> None:
         self.bus = plan.spec.name
         self._mapped = plan.mapped
-        self._known = plan.known
+        self._known = plan.messages
         self._counters = counters
         self._rlog = rlog
         self._frames_key = f"can.{self.bus}.frames"
@@ -104,9 +104,7 @@ class Decoder:
         return entry
 
     def _unmapped(self, msg: can.Message) -> None:
-        aid = msg.arbitration_id
-        key = aid | EXTENDED if msg.is_extended_id else aid
-        if key in self._known:
+        if frame_key(msg.arbitration_id, msg.is_extended_id) in self._known:
             # In the DBC but not in the profile: expected traffic, counted only.
             self._counters.inc("decode.unmapped")
             return

@@ -27,9 +27,6 @@ from gateway.state.store import Value
 EXTENDED = 0x8000_0000
 """Added to a 29-bit ID to key it apart from an 11-bit ID with the same number."""
 
-KIND_NUMBER, KIND_BOOL, KIND_ENUM = 0, 1, 2
-
-
 def frame_key(arbitration_id: int, is_extended: bool) -> int:
     """Table key of a frame: its ID, with bit 31 set for 29-bit IDs."""
     return arbitration_id | EXTENDED if is_extended else arbitration_id
@@ -45,7 +42,7 @@ class SignalDecode:
 
     dbc_signal: str
     slot: SignalState
-    kind: int
+    boolean: bool
     factor: float
     offset: float
     ndigits: int | None
@@ -63,7 +60,7 @@ class SignalDecode:
             if not isinstance(raw, int) or raw not in self.enum:
                 return None, False
             return self.enum[raw], True
-        if self.kind == KIND_BOOL:
+        if self.boolean:
             return raw != 0, True
         if self.special is not None and raw in self.special:
             return self.special[raw], True
@@ -109,12 +106,16 @@ class MessagePlan:
 
 @dataclass
 class BusPlan:
-    """Decode table of one bus: mapped IDs, and IDs the DBCs know but the profile ignores."""
+    """Decode table of one bus: every DBC message by frame key, and the mapped ones."""
 
     spec: BusSpec
     databases: list[tuple[Path, Database]]
-    mapped: dict[int, MessagePlan]
-    known: set[int]
+    messages: dict[int, Message]
+    mapped: dict[int, MessagePlan] = field(default_factory=dict)
+    by_name: dict[str, Message] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.by_name = {m.name: m for m in self.messages.values()}
 
 
 def build_plans(profile: Profile, store: StateStore) -> dict[str, BusPlan]:
@@ -122,11 +123,10 @@ def build_plans(profile: Profile, store: StateStore) -> dict[str, BusPlan]:
     plans: dict[str, BusPlan] = {}
     for bus in profile.buses:
         dbs = [(p, load_dbc(p, bus.dbc_encoding, bus.strict)) for p in bus.dbc]
-        known = _check_unique_ids(bus, dbs)
-        plans[bus.name] = BusPlan(bus, dbs, {}, known)
+        plans[bus.name] = BusPlan(bus, dbs, index_messages(bus.name, dbs))
     for name, spec in profile.messages.items():
         bus_name = spec.bus or _only_bus(profile)
-        if bus_name is None or _find_message(plans[bus_name], name) is None:
+        if bus_name is None or name not in plans[bus_name].by_name:
             raise ConfigError(
                 str(profile.file), "no such message in the bus's DBC files",
                 line=spec.line, key=f"messages.{name}",
@@ -140,28 +140,21 @@ def _only_bus(profile: Profile) -> str | None:
     return profile.buses[0].name if len(profile.buses) == 1 else None
 
 
-def _check_unique_ids(bus: BusSpec, dbs: list[tuple[Path, Database]]) -> set[int]:
-    seen: dict[int, tuple[Path, str]] = {}
+def index_messages(bus: str, dbs: list[tuple[Path, Database]]) -> dict[int, Message]:
+    """Every message of ``dbs`` by frame key; an ID defined twice is a ConfigError."""
+    seen: dict[int, tuple[Path, Message]] = {}
     for path, db in dbs:
         for m in db.messages:
             key = frame_key(m.frame_id, m.is_extended_frame)
             if key in seen:
-                other, other_name = seen[key]
+                other, other_msg = seen[key]
                 raise ConfigError(
                     str(path),
-                    f"bus {bus.name!r}: ID 0x{m.frame_id:X} ({m.name}) is also defined in "
-                    f"{other.name} ({other_name})",
+                    f"bus {bus!r}: ID 0x{m.frame_id:X} ({m.name}) is also defined in "
+                    f"{other.name} ({other_msg.name})",
                 )
-            seen[key] = (path, m.name)
-    return set(seen)
-
-
-def _find_message(plan: BusPlan, name: str) -> Message | None:
-    for _, db in plan.databases:
-        for m in db.messages:
-            if m.name == name:
-                return m
-    return None
+            seen[key] = (path, m)
+    return {key: m for key, (_, m) in seen.items()}
 
 
 def _fail(profile: Profile, mapping: SignalMapping, key: str, message: str) -> ConfigError:
@@ -175,10 +168,9 @@ def _resolve(
 ) -> None:
     bus_name = mapping.bus or profile.buses[0].name
     bus_plan = plans[bus_name]
-    message = _find_message(bus_plan, mapping.message)
+    message = bus_plan.by_name.get(mapping.message)
     if message is None:
-        names = [m.name for _, db in bus_plan.databases for m in db.messages]
-        close = difflib.get_close_matches(mapping.message, names, n=3)
+        close = difflib.get_close_matches(mapping.message, list(bus_plan.by_name), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise _fail(profile, mapping, "message",
                     f"no message {mapping.message!r} on bus {bus_name!r}{hint}")
@@ -296,13 +288,13 @@ def _signal_decode(
     stale_after = _stale_after(profile, message, signal, plan.cycle_s)
     slot = store.register(SignalState(path, unit, kind_name or "number", group, stale_after,
                                       sample=_sample_for(plan, signal), key=signal.name))
-    kind = KIND_ENUM if enum is not None else KIND_BOOL if kind_name == "bool" else KIND_NUMBER
+    boolean = enum is None and kind_name == "bool"
     integral = (
-        kind == KIND_NUMBER and not signal.is_float
+        enum is None and not boolean and not signal.is_float
         and float(factor).is_integer() and float(offset).is_integer()
     )
     decode = SignalDecode(
-        dbc_signal=signal.name, slot=slot, kind=kind, factor=factor, offset=offset,
+        dbc_signal=signal.name, slot=slot, boolean=boolean, factor=factor, offset=offset,
         ndigits=None if signal.is_float else _ndigits(factor, offset), integral=integral, enum=enum,
         sna=mapping.sna, special=mapping.special, note=note,
     )

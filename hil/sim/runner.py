@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
 
 import can
 
+from gateway.can import BusOptions, open_bus
 from gateway.clock import Clock
 from hil.sim.ecus import VehicleEcus
 from hil.sim.model import VehicleModel
@@ -53,11 +53,8 @@ async def run_vehicle(
 
 
 def open_sim_bus(interface: str, channel: str) -> can.BusABC:
-    """The simulator's side of the bus."""
-    kwargs: dict[str, Any] = {"interface": interface, "channel": channel}
-    if interface == "udp_multicast":
-        kwargs["receive_own_messages"] = False
-    return can.Bus(**kwargs)
+    """The simulator's side of the bus, opened as the gateway opens its own."""
+    return open_bus(BusOptions("sim", interface, channel))
 
 
 def close_quietly(bus: can.BusABC) -> None:
