@@ -52,20 +52,33 @@ ensure_venv() {
   fi
 }
 
+ensure_mosquitto() {
+  # The tests and the demo start their own broker from this binary; the
+  # distribution's service is not needed and is not started.
+  command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] && return 0
+  apt_ensure mosquitto || {
+    echo "dev.sh: mosquitto is missing: install it with 'apt-get install mosquitto'" >&2
+    return 1
+  }
+}
+
 cmd="${1:-}"
 shift || true
 case "$cmd" in
   demo)
+    ensure_mosquitto
     ensure_venv
     exec "$venv/bin/python" -m hil demo "$@"
     ;;
   test)
+    ensure_mosquitto
     ensure_venv
     "$venv/bin/ruff" check gateway hil tests bench
     "$venv/bin/mypy"
     exec "$venv/bin/python" -m pytest "$@"
     ;;
   bench)
+    ensure_mosquitto
     ensure_venv
     for b in bench/bench_*.py; do "$venv/bin/python" "$b" "$@"; done
     ;;

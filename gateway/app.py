@@ -1,4 +1,4 @@
-"""Wiring: profile -> decode tables -> sources -> decoders -> state.
+"""Wiring: profile -> decode tables -> sources -> decoders -> state -> MQTT.
 
 This is the only module that knows every stage. Each stage gets exactly what
 it needs (a queue, a clock, counters), so stages stay testable on their own.
@@ -16,11 +16,21 @@ from pathlib import Path
 
 import can
 
+from gateway import __version__
+from gateway.alerts import AlertBook
 from gateway.can import BusOptions, LiveSource, ReplaySource, open_bus
 from gateway.clock import Clock
 from gateway.config import Profile
+from gateway.config.settings import Settings
 from gateway.decode import BusPlan, Decoder, build_plans
 from gateway.health import Counters, RateLimitedLog
+from gateway.mqtt import discovery
+from gateway.mqtt.durable import DurablePublisher
+from gateway.mqtt.link import Link
+from gateway.mqtt.payloads import Envelope, new_boot_id
+from gateway.mqtt.telemetry import Telemetry
+from gateway.mqtt.topics import Topics
+from gateway.outbox import Limits, Outbox
 from gateway.queues import BatchQueue, Overflow
 from gateway.state import StateStore
 
@@ -107,6 +117,90 @@ class Pipeline:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.tasks.clear()
+
+
+EXPIRE_EVERY = 60.0
+"""How often old backfill is expired from the outbox."""
+
+
+@dataclass
+class Publishing:
+    """The MQTT side: outbox, durable path, link, telemetry and the alert book."""
+
+    settings: Settings
+    store: StateStore
+    clock: Clock
+    profile: str
+    topics: Topics
+    envelope: Envelope
+    outbox: Outbox
+    durable: DurablePublisher
+    alerts: AlertBook
+    link: Link
+    telemetry: Telemetry
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+
+    @classmethod
+    async def start(cls, pipeline: Pipeline, settings: Settings,
+                    link_clock: Clock | None = None) -> Publishing:
+        """Open the outbox and start publishing ``pipeline``'s state.
+
+        ``link_clock`` paces reconnects; tests that drive telemetry on a manual
+        clock still want real backoff against a real broker.
+        """
+        clock, counters, rlog = pipeline.clock, pipeline.counters, pipeline.rlog
+        topics = Topics(settings.vehicle_id)
+        envelope = Envelope(settings.vehicle_id, new_boot_id())
+        limits = Limits(max_bytes=settings.outbox.max_bytes,
+                        max_backfill_age=settings.outbox.max_backfill_age)
+        outbox = Outbox(settings.outbox_path, limits, clock, counters, rlog)
+        await outbox.open()
+        durable = DurablePublisher(topics, envelope, outbox, clock, counters, rlog)
+        alerts = AlertBook(clock, durable)
+        profile = pipeline.profile.name
+        link = Link(settings.mqtt, topics, envelope, outbox, link_clock or clock, counters, rlog,
+                    version=__version__, profile=profile)
+        telemetry = Telemetry(pipeline.store, settings.telemetry, link, durable, topics, envelope,
+                              clock, counters)
+        pub = cls(settings, pipeline.store, clock, profile, topics, envelope, outbox, durable,
+                  alerts, link, telemetry)
+        link.on_connect = pub._on_connect
+        durable.event("gateway_started", {"version": __version__, "profile": profile})
+        for name, coro in (("outbox-writer", durable.run()), ("mqtt-link", link.run()),
+                           ("telemetry", telemetry.run()), ("outbox-expiry", pub._expire())):
+            pub.tasks[name] = asyncio.create_task(coro, name=name)
+        return pub
+
+    def _on_connect(self) -> None:
+        """Retained messages the broker may have lost go out again on every connection."""
+        self.telemetry.force_state()
+        self.alerts.republish()
+        ha = self.settings.homeassistant
+        if ha.enabled:
+            mapped = {slot.path for slot in self.store}
+            for msg in discovery.discovery_messages(self.topics, ha.prefix, ha.name,
+                                                    self.profile, __version__, mapped):
+                self.durable.retained(msg.topic, msg.payload)
+
+    async def _expire(self) -> None:
+        while True:
+            await self.outbox.expire()
+            await self.clock.sleep(EXPIRE_EVERY)
+
+    async def stop(self) -> None:
+        """Say goodbye on the broker, commit what is queued, close the outbox."""
+        await self.link.close(self.tasks.pop("mqtt-link", None))
+        for name in ("telemetry", "outbox-expiry"):
+            task = self.tasks.pop(name, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self.durable.close()
+        writer = self.tasks.pop("outbox-writer", None)
+        if writer is not None:
+            await writer
+        await self.outbox.close()
 
 
 def stop_event(duration: float | None = None) -> asyncio.Event:

@@ -96,6 +96,24 @@ class BatchQueue(Generic[T]):
             self._writable.set()
         return batch
 
+    async def get_many(self, max_items: int) -> list[T] | None:
+        """Every queued item up to about ``max_items`` (whole batches), waiting for the first.
+
+        None once the queue is closed and drained. Consumers that pay per call
+        (a database transaction) use this to amortise the cost.
+        """
+        first = await self.get()
+        if first is None:
+            return None
+        items = list(first)
+        while self._batches and len(items) + len(self._batches[0]) <= max_items:
+            batch = self._batches.popleft()
+            self._items -= len(batch)
+            items.extend(batch)
+        if self._items < self.max_items:
+            self._writable.set()
+        return items
+
     def close(self) -> None:
         """No more input: ``get`` drains what is queued, then returns None."""
         self._closed = True

@@ -2,8 +2,9 @@
 
 - ``python -m hil sim --bus virtual:NAME|udp_multicast:GROUP|socketcan:vcan0``
   runs the reference vehicle on a bus until Ctrl-C.
-- ``python -m hil demo`` runs the vehicle and the gateway in one process on a
-  python-can virtual bus, with the gateway's live view.
+- ``python -m hil demo`` runs the vehicle, the gateway and a private mosquitto
+  in one process: vehicle -> python-can virtual bus -> gateway -> broker ->
+  a live view that reads only MQTT, as a fleet operator would.
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ import argparse
 import asyncio
 import logging
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.app import Pipeline, run_until, stop_event
-from gateway.cli.run import LiveScreen
+from gateway.app import Pipeline, Publishing, run_until, stop_event
+from gateway.cli.watch import watch
 from gateway.clock import SystemClock
 from gateway.config import ConfigError, load_profile
+from gateway.config.settings import default_settings, with_overrides
+from hil.broker import INSTALL_HINT, Mosquitto, find_mosquitto
 from hil.sim import VehicleEcus, VehicleModel
 from hil.sim.runner import close_quietly, open_sim_bus, run_vehicle
 
+DEMO_VEHICLE = "demo-001"
 REFERENCE_PROFILE = Path(__file__).resolve().parents[1] / "dbc" / "profiles" / "microev-ref.toml"
 
 
@@ -39,22 +44,35 @@ async def _sim(args: argparse.Namespace) -> int:
 
 
 async def _demo(args: argparse.Namespace) -> int:
+    """Vehicle -> virtual CAN -> gateway -> private mosquitto -> MQTT live view."""
+    if find_mosquitto() is None:
+        print(f"hil demo: {INSTALL_HINT}", file=sys.stderr)
+        return 1
     clock = SystemClock()
-    pipeline = Pipeline.build(load_profile(args.profile), clock)
+    profile = load_profile(args.profile)
+    pipeline = Pipeline.build(profile, clock)
     channel = "ev-gateway-demo"
-    options = pipeline.bus_options({pipeline.profile.buses[0].name: f"virtual:{channel}"})
+    options = pipeline.bus_options({profile.buses[0].name: f"virtual:{channel}"})
     stop = stop_event(args.duration)
-    sim_bus = open_sim_bus("virtual", channel)
-    ecus = VehicleEcus(VehicleModel(mode=args.mode, soc=args.soc))
-    sim = asyncio.create_task(run_vehicle(sim_bus, ecus, clock, stop))
-    pipeline.start_live(options)
-    screen = LiveScreen(pipeline, clock)
-    try:
-        await run_until(stop, pipeline, screen.refresh)
-    finally:
-        stop.set()
-        await sim
-        close_quietly(sim_bus)
+    with tempfile.TemporaryDirectory(prefix="ev-gateway-demo-") as tmp, \
+            Mosquitto(Path(tmp) / "broker") as broker:
+        settings = with_overrides(
+            default_settings(DEMO_VEHICLE, Path(args.profile), Path(tmp) / "state"),
+            host=broker.host, port=broker.port)
+        publishing = await Publishing.start(pipeline, settings)
+        sim_bus = open_sim_bus("virtual", channel)
+        ecus = VehicleEcus(VehicleModel(mode=args.mode, soc=args.soc))
+        sim = asyncio.create_task(run_vehicle(sim_bus, ecus, clock, stop))
+        pipeline.start_live(options)
+        viewer = asyncio.create_task(watch(broker.host, broker.port, DEMO_VEHICLE, stop))
+        try:
+            await run_until(stop, pipeline)
+        finally:
+            stop.set()
+            await publishing.stop()
+            await viewer
+            await sim
+            close_quietly(sim_bus)
     return 0
 
 
@@ -63,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hil")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("sim", "run the simulated vehicle on a CAN bus"),
-                       ("demo", "simulated vehicle + gateway + live view, in one process")):
+                       ("demo", "simulated vehicle + gateway + broker + MQTT live view")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--mode", choices=["drive", "charge", "park"], default="drive")
         p.add_argument("--soc", type=float, default=80.0, help="initial state of charge, %%")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from gateway.app import Pipeline
 from gateway.clock import ManualClock
 from gateway.config import Profile, load_profile
+from hil.broker import Mosquitto, find_mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
 DBC = ROOT / "dbc"
@@ -55,3 +57,16 @@ def frame(
     """A CAN frame with a source timestamp."""
     return can.Message(arbitration_id=arbitration_id, data=bytes(data), timestamp=ts,
                        is_extended_id=extended, **kwargs)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A private mosquitto on a free port, stopped after the test."""
+    if find_mosquitto() is None:
+        pytest.fail("mosquitto is not installed: run the tests through `bash deploy/dev.sh test`")
+    m = Mosquitto(tmp_path / "broker")
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()

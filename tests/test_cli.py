@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,16 +90,17 @@ def test_run_replays_a_log_into_the_state_view(drive_log, capsys):
 
 
 def test_demo_shows_live_decoded_values():
-    """The README's demo, in miniature: simulator -> virtual CAN -> gateway -> view."""
+    """The README's demo, in miniature: simulator -> CAN -> gateway -> mosquitto -> MQTT view."""
     result = subprocess.run(
-        [sys.executable, "-m", "hil", "demo", "--duration", "3"],
+        [sys.executable, "-m", "hil", "demo", "--duration", "4"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode == 0, result.stderr
-    screens = result.stdout.split("ev-gateway | microev-ref")
-    last = screens[-1]
-    assert "frames " in last and "(0/s)" not in last
-    # After three seconds of driving the view shows fresh values, not "no data".
+    last = result.stdout.split("ev-gateway watch | demo-001")[-1]
+    status = last.splitlines()[1]
+    assert status.startswith("ONLINE")
+    assert re.search(r"telemetry [1-9]\d* msgs \(0 lost\)", status), status
+    # After a few seconds of driving the view, fed only by MQTT, shows fresh values.
     speed_line = next(line for line in last.splitlines() if "  Speed " in line)
     assert "km/h" in speed_line and "STALE" not in speed_line
     assert "Cell.*.Voltage (30/30 fresh)" in last

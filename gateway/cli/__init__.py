@@ -4,7 +4,8 @@ Sub-commands:
 
 - ``run``: the daemon (live buses, or a log replay), optionally with a live view;
 - ``decode``: print the frames of a log as JSON lines;
-- ``check``: validate a profile and its DBCs and show what it maps.
+- ``check``: validate a profile and its DBCs and show what it maps;
+- ``watch``: follow a vehicle over MQTT, as a fleet operator would.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from gateway.config import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
-    from gateway.cli import check, decode, run
+    from gateway.cli import check, decode, run, watch
 
     parser = argparse.ArgumentParser(
         prog="ev-gateway", description="Companion gateway for micro electric cars."
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parser(sub)
     decode.add_parser(sub)
     check.add_parser(sub)
+    watch.add_parser(sub)
     return parser
 
 

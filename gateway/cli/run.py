@@ -9,16 +9,30 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.app import Pipeline, run_until, stop_event
+from gateway.app import Pipeline, Publishing, run_until, stop_event
 from gateway.cli import view
+from gateway.cli.watch import split_broker
 from gateway.clock import Clock, SystemClock
 from gateway.config import load_profile
+from gateway.config.settings import (
+    DEFAULT_STATE_DIR,
+    Settings,
+    default_settings,
+    load_settings,
+    with_overrides,
+)
 
 
 def add_parser(sub: Any) -> None:
     """Register the sub-command."""
     p = sub.add_parser("run", help="run the gateway")
-    p.add_argument("--profile", required=True, help="vehicle profile TOML")
+    p.add_argument("--config", help="gateway settings TOML (vehicle id, profile, MQTT, ...)")
+    p.add_argument("--profile", help="vehicle profile TOML (overrides the settings' profile)")
+    p.add_argument("--vehicle-id", help="vehicle id (overrides the settings)")
+    p.add_argument("--broker", metavar="HOST:PORT",
+                   help="publish to this MQTT broker (overrides the settings)")
+    p.add_argument("--state-dir", help="where the outbox lives (overrides the settings)")
+    p.add_argument("--no-mqtt", action="store_true", help="do not publish, even if configured")
     p.add_argument("--bus", action="append", default=[], metavar="NAME=INTERFACE:CHANNEL",
                    help="override a profile bus, e.g. vehicle=socketcan:vcan0 (repeatable)")
     p.add_argument("--replay", metavar="LOG", help="replay a log file instead of live buses")
@@ -42,17 +56,52 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
+def settings_from_args(args: argparse.Namespace) -> Settings | None:
+    """The settings the flags ask for; None when the gateway should not publish.
+
+    Without ``--config``, publishing needs ``--broker`` (the vehicle id then
+    defaults to the profile name).
+    """
+    if args.config:
+        settings = load_settings(args.config)
+    elif args.broker:
+        if not args.profile:
+            raise SystemExit("ev-gateway run: --profile or --config is required")
+        profile = load_profile(args.profile)
+        settings = default_settings(args.vehicle_id or profile.name, Path(args.profile),
+                                    Path(args.state_dir or DEFAULT_STATE_DIR))
+    else:
+        return None
+    host, port = split_broker(args.broker) if args.broker else (None, None)
+    try:
+        settings = with_overrides(settings, host=host, port=port, vehicle_id=args.vehicle_id,
+                                  state_dir=Path(args.state_dir) if args.state_dir else None)
+    except ValueError as exc:
+        raise SystemExit(f"ev-gateway run: {exc}") from None
+    if args.no_mqtt or not settings.mqtt.enabled:
+        return None
+    return settings
+
+
 def run(args: argparse.Namespace) -> int:
     """Build the pipeline (failing fast on bad config) and run it until stopped."""
-    profile = load_profile(args.profile)
+    if not args.config and not args.profile:
+        raise SystemExit("ev-gateway run: --profile or --config is required")
+    settings = settings_from_args(args)
+    profile_path = args.profile or (settings.profile if settings else None)
+    if profile_path is None:  # --config with MQTT disabled
+        profile_path = load_settings(args.config).profile
+    profile = load_profile(profile_path)
     clock = SystemClock()
     pipeline = Pipeline.build(profile, clock)
     options = pipeline.bus_options(parse_overrides(args.bus))
-    return asyncio.run(_main(args, pipeline, options, clock))
+    return asyncio.run(_main(args, pipeline, options, clock, settings))
 
 
-async def _main(args: argparse.Namespace, pipeline: Pipeline, options: Any, clock: Clock) -> int:
+async def _main(args: argparse.Namespace, pipeline: Pipeline, options: Any, clock: Clock,
+                settings: Settings | None) -> int:
     stop = stop_event(args.duration)
+    publishing = await Publishing.start(pipeline, settings) if settings else None
     if args.replay:
         bus = args.replay_bus or pipeline.profile.buses[0].name
 
@@ -66,7 +115,11 @@ async def _main(args: argparse.Namespace, pipeline: Pipeline, options: Any, cloc
     else:
         pipeline.start_live(options)
     screen = LiveScreen(pipeline, clock) if args.view else None
-    await run_until(stop, pipeline, screen.refresh if screen else None)
+    try:
+        await run_until(stop, pipeline, screen.refresh if screen else None)
+    finally:
+        if publishing is not None:
+            await publishing.stop()
     if screen:
         await screen.refresh(force=True)
     return 0

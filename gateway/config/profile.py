@@ -12,15 +12,13 @@ See docs/profiles.md for the format.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import can
 
-from gateway.config.errors import ConfigError
-from gateway.config.toml_table import SourceMap, Table
+from gateway.config.toml_table import SourceMap, Table, read_toml
 
 EnumMap = dict[int, "str | bool | int | float"]
 
@@ -114,23 +112,8 @@ class Profile:
 def load_profile(path: str | Path) -> Profile:
     """Read and validate a profile; raise ConfigError naming file, line and key."""
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(file), f"cannot read profile: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(str(file), f"not UTF-8 text: {exc.reason}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        line = _toml_error_line(str(exc))
-        raise ConfigError(str(file), f"invalid TOML: {exc}", line=line) from None
-    return _parse(file, data, SourceMap(text))
-
-
-def _toml_error_line(message: str) -> int | None:
-    m = re.search(r"at line (\d+)", message)
-    return int(m.group(1)) if m else None
+    data, source = read_toml(file, "profile")
+    return _parse(file, data, source)
 
 
 def _parse(file: Path, data: dict[str, Any], source: SourceMap) -> Profile:

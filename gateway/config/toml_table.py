@@ -8,12 +8,31 @@ enough to point a user at the right place, and avoids a second TOML parser.
 from __future__ import annotations
 
 import re
+import tomllib
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from gateway.config.errors import ConfigError
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+
+
+def read_toml(file: Path, what: str) -> tuple[dict[str, Any], SourceMap]:
+    """Parse ``file``; any problem is one ConfigError naming the file (and line, if known)."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(file), f"cannot read {what}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(file), f"not UTF-8 text: {exc.reason}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"at line (\d+)", str(exc))
+        line = int(m.group(1)) if m else None
+        raise ConfigError(str(file), f"invalid TOML: {exc}", line=line) from None
+    return data, SourceMap(text)
 
 
 class SourceMap:

@@ -1,0 +1,82 @@
+"""The MQTT topic contract: ``evgw/v1/{vehicle_id}/...``.
+
+Every topic the gateway publishes is built here, so the contract lives in one
+place (docs/asyncapi.yaml documents it, and the tests check the two agree).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gateway.state.catalog import Group
+
+PREFIX = "evgw/v1"
+GROUPS: tuple[Group, ...] = ("battery", "motion", "location", "body", "charging", "health")
+_VEHICLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def valid_vehicle_id(vehicle_id: str) -> bool:
+    """True when ``vehicle_id`` can be one topic level (no wildcards, separators or spaces)."""
+    return bool(_VEHICLE_ID.match(vehicle_id))
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topics of one vehicle."""
+
+    vehicle_id: str
+
+    def __post_init__(self) -> None:
+        if not valid_vehicle_id(self.vehicle_id):
+            raise ValueError(
+                f"vehicle id {self.vehicle_id!r}: use 1-64 letters, digits, '_', '-' or '.'"
+            )
+
+    @property
+    def base(self) -> str:
+        """``evgw/v1/{vehicle_id}``."""
+        return f"{PREFIX}/{self.vehicle_id}"
+
+    @property
+    def status(self) -> str:
+        """Retained birth / will."""
+        return f"{self.base}/status"
+
+    @property
+    def telemetry(self) -> str:
+        """Live, change-driven samples (QoS 0)."""
+        return f"{self.base}/telemetry"
+
+    @property
+    def backfill(self) -> str:
+        """Telemetry recorded while offline (QoS 1, through the outbox)."""
+        return f"{self.base}/backfill"
+
+    def state(self, group: str) -> str:
+        """Retained last-known values of one group."""
+        return f"{self.base}/state/{group}"
+
+    @property
+    def alerts(self) -> str:
+        """Alert raise/clear transitions (QoS 1, durable)."""
+        return f"{self.base}/alerts"
+
+    @property
+    def alerts_active(self) -> str:
+        """Retained set of active alerts."""
+        return f"{self.base}/alerts/active"
+
+    @property
+    def events(self) -> str:
+        """Things that happened (QoS 1, durable)."""
+        return f"{self.base}/events"
+
+    @property
+    def commands(self) -> str:
+        """Subscription filter reserved for remote commands."""
+        return f"{self.base}/cmd/#"
+
+    def owned_retained(self) -> list[str]:
+        """Retained topics only this gateway may publish; anything else there is foreign."""
+        return [self.status, self.alerts_active, *(self.state(g) for g in GROUPS)]
