@@ -52,6 +52,9 @@ class Pipeline:
     plans: dict[str, BusPlan]
     decoders: dict[str, Decoder]
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    listeners: list[Callable[[str], None]] = field(default_factory=list)
+    """Called with the bus name after each batch reached the state: event-driven consumers
+    (safety rules, alerts) react to a frame without waiting for a tick."""
 
     @classmethod
     def build(cls, profile: Profile, clock: Clock) -> Pipeline:
@@ -91,7 +94,7 @@ class Pipeline:
             sources.append(source)
             self.tasks.append(asyncio.create_task(source.run(), name=f"rx-{opts.name}"))
             self.tasks.append(
-                asyncio.create_task(self._consume(queue, self.decoders[opts.name]),
+                asyncio.create_task(self._consume(queue, opts.name),
                                     name=f"decode-{opts.name}")
             )
         return sources
@@ -102,12 +105,18 @@ class Pipeline:
         source = ReplaySource(path, self.clock, speed=speed, rebase=True)
         async for batch in source.batches():
             decoder.process(batch)
+            self._notify(bus)
         return source.frames
 
-    @staticmethod
-    async def _consume(queue: BatchQueue[can.Message], decoder: Decoder) -> None:
+    async def _consume(self, queue: BatchQueue[can.Message], bus: str) -> None:
+        decoder = self.decoders[bus]
         while (batch := await queue.get()) is not None:
             decoder.process(batch)
+            self._notify(bus)
+
+    def _notify(self, bus: str) -> None:
+        for listener in self.listeners:
+            listener(bus)
 
     async def stop(self) -> None:
         """Cancel every task the pipeline started."""

@@ -39,6 +39,9 @@ class Subscriber:
     port: int
     vehicle: str
     retry: float = 0.05
+    client_id: str | None = None
+    """With a client id the session is persistent: the broker queues what arrives while
+    the subscriber reconnects, as a fleet backend's would."""
     messages: list[Received] = field(default_factory=list)
     connects: int = 0
     _task: asyncio.Task[None] | None = None
@@ -58,7 +61,9 @@ class Subscriber:
     async def _run(self) -> None:
         while True:
             try:
-                async with aiomqtt.Client(self.host, self.port) as client:
+                persistent = self.client_id is not None
+                async with aiomqtt.Client(self.host, self.port, identifier=self.client_id,
+                                          clean_session=not persistent) as client:
                     await client.subscribe(f"{PREFIX}/{self.vehicle}/#", qos=1)
                     self.connects += 1
                     self._subscribed.set()
@@ -96,3 +101,20 @@ async def retained(host: str, port: int, topic_filter: str, settle: float = 0.5
                     if m.retain and isinstance(m.payload, bytes):
                         out[str(m.topic)] = m.payload
     return out
+
+
+def first_seqs(messages: list[Received], boot: str) -> tuple[list[int], int]:
+    """Sequence numbers of ``boot`` in arrival order with duplicates removed, and the
+    number of duplicates, as a consumer deduplicating on (vehicle, boot, seq) sees them."""
+    seen: set[int] = set()
+    order = []
+    for m in messages:
+        data = m.json()
+        if data["boot"] != boot:
+            continue
+        if data["seq"] in seen:
+            continue
+        seen.add(data["seq"])
+        order.append(data["seq"])
+    dups = sum(1 for m in messages if m.json()["boot"] == boot) - len(order)
+    return order, dups

@@ -18,7 +18,7 @@ _VEHICLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def valid_vehicle_id(vehicle_id: str) -> bool:
     """True when ``vehicle_id`` can be one topic level (no wildcards, separators or spaces)."""
-    return bool(_VEHICLE_ID.match(vehicle_id))
+    return bool(_VEHICLE_ID.fullmatch(vehicle_id))
 
 
 @dataclass(frozen=True)
