@@ -207,14 +207,18 @@ async def _subscribe(conn: Connection, host: str, port: int, filters: list[str],
         return max((t for t in stamps if isinstance(t, int | float)), default=None)
 
     def on_command() -> None:
-        while conn.poll():
-            cmd = conn.recv()
+        while not done.is_set() and conn.poll():
+            try:
+                cmd = conn.recv()
+            except EOFError:  # the parent is gone
+                cmd = ("exit",)
             if cmd[0] == "count":
                 hits = [arr for seq, (arr, _) in seen.get(cmd[1], {}).items() if seq >= cmd[2]]
                 conn.send((len(hits), max(hits, default=0.0)))
             else:
-                conn.send([(t, s, a, n) for t, by_seq in seen.items()
-                           for s, (a, n) in by_seq.items()])
+                if cmd[0] == "dump":
+                    conn.send([(t, s, a, n) for t, by_seq in seen.items()
+                               for s, (a, n) in by_seq.items()])
                 done.set()
 
     async def receive() -> None:
@@ -230,7 +234,7 @@ async def _subscribe(conn: Connection, host: str, port: int, filters: list[str],
                         conn.send("ready")
                     async for m in client.messages:
                         arrival = time.time()
-                        data = json.loads(m.payload) if isinstance(m.payload, bytes) else {}
+                        data = _json_object(m.payload)
                         by_seq = seen.setdefault(str(m.topic), {})
                         # QoS 1 may deliver twice; the first arrival counts.
                         by_seq.setdefault(int(data.get("seq", 0)), (arrival, newest_ts(data)))
@@ -243,6 +247,15 @@ async def _subscribe(conn: Connection, host: str, port: int, filters: list[str],
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def _json_object(payload: object) -> dict[str, Any]:
+    """A JSON object payload as a dict; anything else as an empty one (seq 0)."""
+    try:
+        data = json.loads(payload) if isinstance(payload, bytes | str) else None
+    except ValueError:
+        data = None
+    return data if isinstance(data, dict) else {}
 
 
 def percentile(values: Sequence[float], q: int) -> float:

@@ -163,12 +163,13 @@ class Publishing:
         limits = Limits(max_bytes=settings.outbox.max_bytes,
                         max_backfill_age=settings.outbox.max_backfill_age)
         outbox = Outbox(settings.outbox_path, limits, clock, counters, rlog)
+        profile = pipeline.profile.name
+        # Built before the outbox opens: a bad TLS file fails here and leaves nothing open.
+        link = Link(settings.mqtt, topics, envelope, outbox, link_clock or clock, counters, rlog,
+                    version=__version__, profile=profile)
         await outbox.open()
         durable = DurablePublisher(topics, envelope, outbox, clock, counters, rlog)
         alerts = AlertBook(clock, durable)
-        profile = pipeline.profile.name
-        link = Link(settings.mqtt, topics, envelope, outbox, link_clock or clock, counters, rlog,
-                    version=__version__, profile=profile)
         telemetry = Telemetry(pipeline.store, settings.telemetry, link, durable, topics, envelope,
                               clock, counters)
         pub = cls(settings, pipeline.store, clock, profile, topics, envelope, outbox, durable,

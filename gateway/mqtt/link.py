@@ -31,17 +31,21 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.clock import Clock
+from gateway.config import ConfigError
 from gateway.config.settings import MqttSettings
 from gateway.health import Counters, RateLimitedLog
 from gateway.mqtt import payloads
 from gateway.mqtt.ownership import Ownership
 from gateway.mqtt.topics import Topics
-from gateway.outbox import Outbox
+from gateway.outbox import Outbox, OutboxError
 
 log = logging.getLogger("gateway.mqtt")
 
 PUBACK_TIMEOUT = 15.0
 """A QoS 1 publish not acknowledged by then means the link is dead (half-open TCP)."""
+CONNECT_TIMEOUT = 10.0
+"""Also covers a TLS handshake the broker rejects after the fact (TLS 1.3 client-cert
+alerts arrive while the client already waits for CONNACK)."""
 STABLE_AFTER = 10.0
 """A connection that lasted this long resets the backoff."""
 LIVE_QUEUE = 1000
@@ -94,6 +98,11 @@ class Link:
         self._drain_batch = drain_batch
         self._protocol = (aiomqtt.ProtocolVersion.V311 if settings.protocol == "3.1.1"
                           else aiomqtt.ProtocolVersion.V5)
+        try:
+            # Bad certificates are a start-up error, not something to retry forever.
+            self._tls = tls_context(settings)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("mqtt.tls", f"cannot load TLS files: {exc}") from None
         self._client: aiomqtt.Client | None = None
         self._connection = 0
         self._stopping = False
@@ -131,14 +140,14 @@ class Link:
         client = aiomqtt.Client(
             s.host, s.port, username=s.username, password=s.password,
             identifier=s.client_id, protocol=self._protocol, will=will,
-            keepalive=s.keepalive, timeout=PUBACK_TIMEOUT,
+            keepalive=s.keepalive, timeout=CONNECT_TIMEOUT,
             # A clean start would end the old session and fire its pending will.
             clean_start=(not s.will_delay) if v5 else paho_client.MQTT_CLEAN_START_FIRST_ONLY,
             clean_session=None if v5 else True,
             properties=connect_props,
             max_queued_outgoing_messages=LIVE_QUEUE,
             max_inflight_messages=self._drain_batch,
-            tls_context=tls_context(s),
+            tls_context=self._tls,
             tls_insecure=s.tls.insecure if s.tls else None,
             logger=logging.getLogger("gateway.mqtt.paho"),
         )
@@ -158,7 +167,7 @@ class Link:
                 client = self._make_client()
                 async with client:
                     await self._session(client, birth)
-            except (aiomqtt.MqttError, OSError, ssl.SSLError) as exc:
+            except (aiomqtt.MqttError, OSError, ssl.SSLError, OutboxError) as exc:
                 if self._stopping:
                     break
                 if refused_protocol(exc) and self.settings.protocol == "auto" \
@@ -182,7 +191,8 @@ class Link:
 
     async def _session(self, client: aiomqtt.Client, birth: bytes) -> None:
         """One connection's life: birth, subscriptions, hook, then drain and listen."""
-        await client.publish(self.topics.status, birth, qos=1, retain=True)
+        await client.publish(self.topics.status, birth, qos=1, retain=True,
+                             timeout=PUBACK_TIMEOUT)
         self.ownership.sent(self.topics.status, birth)
         self._client = client
         self.connected_event.set()
@@ -220,7 +230,8 @@ class Link:
             # Tasks start in creation order, so paho assigns message ids and writes
             # the packets in outbox order; the broker forwards them in that order.
             results = await asyncio.gather(
-                *(client.publish(r.topic, r.payload, qos=1, retain=r.retain) for r in rows),
+                *(client.publish(r.topic, r.payload, qos=1, retain=r.retain,
+                                 timeout=PUBACK_TIMEOUT) for r in rows),
                 return_exceptions=True)
             acked = []
             failure: BaseException | None = None
