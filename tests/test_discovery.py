@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from jinja2 import StrictUndefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -246,12 +246,14 @@ def test_location_attributes_render_json_only_for_a_good_fix() -> None:
     assert render(template, b"not json") == "{}"
 
 
+@settings(deadline=None)  # Jinja compiles templates: slow on a loaded machine
 @given(st.integers(min_value=0, max_value=2_000_000))
 def test_range_is_kilometres_with_one_decimal(metres: int) -> None:
     rendered = value_of("range", state_payload("battery", view(d.RANGE, metres)))
     assert rendered == str(round(metres / 1000, 1))
 
 
+@settings(deadline=None)
 @given(st.floats(min_value=0, max_value=100, allow_nan=False))
 def test_soc_renders_the_published_value(soc: float) -> None:
     payload = state_payload("battery", view(d.SOC, soc))

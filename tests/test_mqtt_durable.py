@@ -41,7 +41,7 @@ async def test_alerts_survive_a_broker_crash_in_order_without_gaps(
         _, pub = await start(ref_profile, settings_for(tmp_path, broker))
         total = 1200
         async with Subscriber(broker.host, broker.port, VEHICLE, client_id="fleet") as sub:
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(2.5)  # past an autosave, even on a loaded machine
 
             async def stream() -> None:
                 for i in range(total // 2):
@@ -50,7 +50,7 @@ async def test_alerts_survive_a_broker_crash_in_order_without_gaps(
                     await asyncio.sleep(0.004)
 
             producer = asyncio.create_task(stream())
-            await sub.wait_for(lambda: len(sub.on("alerts")) >= 200)
+            await sub.wait_for(lambda: len(sub.on("alerts")) >= 200, 30)
             await asyncio.to_thread(broker.kill)
             await asyncio.sleep(0.5)
             await asyncio.to_thread(broker.start)

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
 from collections.abc import Callable
 
@@ -150,6 +151,9 @@ class Link:
             tls_context=self._tls,
             tls_insecure=s.tls.insecure if s.tls else None,
             logger=logging.getLogger("gateway.mqtt.paho"),
+            # paho leaves Nagle on: an alert and its alerts/active update would then
+            # sit in the socket for tens of milliseconds behind each other.
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
         client.pending_calls_threshold = self._drain_batch + 50
         return client
