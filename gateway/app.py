@@ -30,7 +30,7 @@ from gateway.mqtt.link import Link
 from gateway.mqtt.payloads import Envelope, new_boot_id
 from gateway.mqtt.telemetry import Telemetry
 from gateway.mqtt.topics import Topics
-from gateway.outbox import Limits, Outbox
+from gateway.outbox import Limits, Outbox, OutboxError
 from gateway.queues import BatchQueue, Overflow
 from gateway.state import StateStore
 
@@ -194,7 +194,10 @@ class Publishing:
 
     async def _expire(self) -> None:
         while True:
-            await self.outbox.expire()
+            try:
+                await self.outbox.expire()
+            except OutboxError as exc:  # the next round tries again; the writer reports too
+                self.durable.report_failure(exc)
             await self.clock.sleep(EXPIRE_EVERY)
 
     async def stop(self) -> None:

@@ -209,3 +209,36 @@ async def test_both_protocol_versions_connect(
         assert pub.link.protocol == protocol
     finally:
         await pub.stop()
+
+
+async def test_home_assistant_discovery_is_published_when_enabled(
+        tmp_path: Path, broker: Mosquitto, ref_profile: Profile) -> None:
+    settings = settings_for(tmp_path, broker)
+    settings = dataclasses.replace(settings, homeassistant=dataclasses.replace(
+        settings.homeassistant, enabled=True))
+    _, pub = await start(ref_profile, settings)
+    try:
+        await asyncio.wait_for(pub.link.connected_event.wait(), 10)
+        await asyncio.sleep(1.0)
+        configs = await retained(broker.host, broker.port, "homeassistant/#")
+    finally:
+        await pub.stop()
+    objects = {topic.split("/")[-2] for topic in configs}
+    assert {"battery_level", "location", "lock", "speed", "charging"} <= objects
+    # The reference car reports no range; an entity for it would stay unknown forever.
+    assert "range" not in objects
+    lock = json.loads(configs["homeassistant/lock/evgw_car-7/lock/config"])
+    assert lock["state_topic"] == f"evgw/v1/{VEHICLE}/state/body"
+    assert lock["availability_topic"] == f"evgw/v1/{VEHICLE}/status"
+
+
+async def test_no_discovery_unless_enabled(
+        tmp_path: Path, broker: Mosquitto, ref_profile: Profile) -> None:
+    _, pub = await start(ref_profile, settings_for(tmp_path, broker))
+    try:
+        await asyncio.wait_for(pub.link.connected_event.wait(), 10)
+        await asyncio.sleep(1.0)
+        configs = await retained(broker.host, broker.port, "homeassistant/#")
+    finally:
+        await pub.stop()
+    assert configs == {}

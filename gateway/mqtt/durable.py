@@ -92,9 +92,13 @@ class DurablePublisher:
                     await self._outbox.put(batch)
                     break
                 except OutboxError as exc:
-                    self._counters.inc("outbox.commit_failures")
-                    self._rlog.error("outbox.commit", f"outbox: commit failed, retrying: {exc}")
+                    self.report_failure(exc)
                     await self._clock.sleep(RETRY_DELAY)
+
+    def report_failure(self, exc: OutboxError) -> None:
+        """Count and log (rate-limited) a failed outbox operation."""
+        self._counters.inc("outbox.failures")
+        self._rlog.error("outbox.failure", f"outbox: {exc}; retrying")
 
     def close(self) -> None:
         """Stop accepting entries; ``run`` commits what is queued and returns."""
