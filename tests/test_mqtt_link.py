@@ -14,11 +14,15 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.app import Pipeline, Publishing
 from gateway.clock import SystemClock
 from gateway.config import Profile
 from gateway.config.settings import Settings, default_settings, with_overrides
+from gateway.mqtt.link import refused_protocol
 from hil.broker import Mosquitto
 from tests.conftest import REF_PROFILE, ROOT
 from tests.contract import validate
@@ -242,3 +246,13 @@ async def test_no_discovery_unless_enabled(
     finally:
         await pub.stop()
     assert configs == {}
+
+
+def test_protocol_refusal_is_recognised_and_nothing_else_is() -> None:
+    assert refused_protocol(MqttConnectError(1))  # MQTT 3.1.1 CONNACK: bad protocol version
+    v5 = ReasonCode(PacketTypes.CONNACK, "Unsupported protocol version")
+    assert refused_protocol(MqttConnectError(v5))
+    assert not refused_protocol(MqttConnectError(5))  # not authorised
+    assert not refused_protocol(MqttConnectError(ReasonCode(PacketTypes.CONNACK,
+                                                            "Bad user name or password")))
+    assert not refused_protocol(OSError("connection refused"))
