@@ -150,12 +150,13 @@ class Publishing:
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     @classmethod
-    async def start(cls, pipeline: Pipeline, settings: Settings,
-                    link_clock: Clock | None = None) -> Publishing:
-        """Open the outbox and start publishing ``pipeline``'s state.
+    def build(cls, pipeline: Pipeline, settings: Settings,
+              link_clock: Clock | None = None) -> Publishing:
+        """Wire the MQTT side for ``pipeline``; opens nothing and starts no task.
 
         ``link_clock`` paces reconnects; tests that drive telemetry on a manual
-        clock still want real backoff against a real broker.
+        clock still want real backoff against a real broker. A bad TLS file
+        raises ConfigError here, before anything is open.
         """
         clock, counters, rlog = pipeline.clock, pipeline.counters, pipeline.rlog
         topics = Topics(settings.vehicle_id)
@@ -164,10 +165,8 @@ class Publishing:
                         max_backfill_age=settings.outbox.max_backfill_age)
         outbox = Outbox(settings.outbox_path, limits, clock, counters, rlog)
         profile = pipeline.profile.name
-        # Built before the outbox opens: a bad TLS file fails here and leaves nothing open.
         link = Link(settings.mqtt, topics, envelope, outbox, link_clock or clock, counters, rlog,
                     version=__version__, profile=profile)
-        await outbox.open()
         durable = DurablePublisher(topics, envelope, outbox, clock, counters, rlog)
         alerts = AlertBook(clock, durable)
         telemetry = Telemetry(pipeline.store, settings.telemetry, link, durable, topics, envelope,
@@ -175,9 +174,17 @@ class Publishing:
         pub = cls(settings, pipeline.store, clock, profile, topics, envelope, outbox, durable,
                   alerts, link, telemetry)
         link.on_connect = pub._on_connect
-        durable.event("gateway_started", {"version": __version__, "profile": profile})
-        for name, coro in (("outbox-writer", durable.run()), ("mqtt-link", link.run()),
-                           ("telemetry", telemetry.run()), ("outbox-expiry", pub._expire())):
+        return pub
+
+    @classmethod
+    async def start(cls, pipeline: Pipeline, settings: Settings,
+                    link_clock: Clock | None = None) -> Publishing:
+        """Build, open the outbox and start publishing ``pipeline``'s state."""
+        pub = cls.build(pipeline, settings, link_clock)
+        await pub.outbox.open()
+        pub.durable.event("gateway_started", {"version": __version__, "profile": pub.profile})
+        for name, coro in (("outbox-writer", pub.durable.run()), ("mqtt-link", pub.link.run()),
+                           ("telemetry", pub.telemetry.run()), ("outbox-expiry", pub._expire())):
             pub.tasks[name] = asyncio.create_task(coro, name=name)
         return pub
 

@@ -13,22 +13,22 @@ from pathlib import Path
 import pytest
 
 from gateway.alerts import Severity
-from gateway.app import Pipeline
+from gateway.app import Pipeline, Publishing
 from gateway.clock import ManualClock, SystemClock
 from gateway.config import Profile
-from gateway.mqtt.durable import DurablePublisher
-from gateway.mqtt.link import Link
-from gateway.mqtt.payloads import Envelope, new_boot_id
-from gateway.mqtt.telemetry import Telemetry
-from gateway.mqtt.topics import Topics
-from gateway.outbox import Limits, Outbox
 from hil.broker import Mosquitto, free_port
 from hil.sim import VehicleModel
 from hil.sim.ecus import generate
 from tests.conftest import ROOT
 from tests.contract import validate
 from tests.mqtt_helpers import Subscriber, first_seqs
-from tests.test_mqtt_link import VEHICLE, _write_config, settings_for, start
+from tests.test_mqtt_link import (
+    VEHICLE,
+    _gateway_process,
+    _write_config,
+    settings_for,
+    start,
+)
 
 
 async def test_alerts_survive_a_broker_crash_in_order_without_gaps(
@@ -84,10 +84,7 @@ async def test_ten_thousand_queued_alerts_survive_kill_9(tmp_path: Path, broker:
     assert line.startswith("queued "), line
     boot = line.split()[1]
     async with Subscriber(broker.host, broker.port, VEHICLE) as sub:
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "run", "--config", str(config),
-             "--bus", "vehicle=virtual:kill9"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        gateway = _gateway_process(config)
         try:
             await sub.wait_for(lambda: len(first_seqs(sub.on("alerts"), boot)[0]) >= 10000, 120)
         finally:
@@ -103,28 +100,23 @@ TICK = 5.0
 HOUR = 3600.0
 
 
-@pytest.mark.parametrize(("limits", "expected"), [
-    (Limits(), 120),                              # an hour at one snapshot per 30 s
-    (Limits(max_backfill_age=1800.0), 60),        # the age bound keeps the last half hour
+@pytest.mark.parametrize(("max_age", "expected"), [
+    (7 * 24 * HOUR, 120),  # an hour at one snapshot per 30 s
+    (1800.0, 60),          # the age bound keeps the last half hour
 ])
 async def test_an_offline_hour_is_backfilled_oldest_first_within_bounds(
-        tmp_path: Path, ref_profile: Profile, limits: Limits, expected: int) -> None:
+        tmp_path: Path, ref_profile: Profile, max_age: float, expected: int) -> None:
     clock = ManualClock()
     pipeline = Pipeline.build(ref_profile, clock)
-    port = free_port()
-    broker = Mosquitto(tmp_path / "broker", port=port)
+    broker = Mosquitto(tmp_path / "broker", port=free_port())
     settings = settings_for(tmp_path, broker)
     settings = dataclasses.replace(
-        settings, telemetry=dataclasses.replace(settings.telemetry, offline_interval=30.0))
-    topics = Topics(VEHICLE)
-    envelope = Envelope(VEHICLE, new_boot_id())
-    outbox = Outbox(settings.outbox_path, limits, clock, pipeline.counters, pipeline.rlog)
+        settings, telemetry=dataclasses.replace(settings.telemetry, offline_interval=30.0),
+        outbox=dataclasses.replace(settings.outbox, max_backfill_age=max_age))
+    # Telemetry and the outbox run on the manual clock; only reconnects take real time.
+    pub = Publishing.build(pipeline, settings, link_clock=SystemClock())
+    outbox, durable, link, telemetry = pub.outbox, pub.durable, pub.link, pub.telemetry
     await outbox.open()
-    durable = DurablePublisher(topics, envelope, outbox, clock, pipeline.counters, pipeline.rlog)
-    link = Link(settings.mqtt, topics, envelope, outbox, SystemClock(), pipeline.counters,
-                pipeline.rlog, version="test", profile=ref_profile.name)
-    telemetry = Telemetry(pipeline.store, settings.telemetry, link, durable, topics, envelope,
-                          clock, pipeline.counters)
     writer = asyncio.create_task(durable.run())
     # Two seconds of the simulated car, replayed with fresh timestamps at every tick.
     window = generate(VehicleModel(mode="drive"), 2.0)

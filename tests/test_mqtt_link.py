@@ -100,6 +100,7 @@ async def test_state_groups_are_retained_and_follow_the_contract(
 
 
 def _gateway_process(config: Path) -> subprocess.Popen[bytes]:
+    """``ev-gateway run --config`` as a separate process, on an idle virtual bus."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "run", "--config", str(config),
@@ -122,24 +123,27 @@ def _states(sub: Subscriber) -> list[tuple[str, str]]:
     return [(m.json()["state"], m.json()["boot"]) for m in sub.on("status") if m.payload]
 
 
+async def _birth_then_kill_9(sub: Subscriber, config: Path) -> str:
+    """Run the gateway process until its birth is seen, then SIGKILL it; returns its boot id."""
+    proc = _gateway_process(config)
+    try:
+        await sub.wait_for(lambda: ("online" in [s for s, _ in _states(sub)]), 30)
+        return _states(sub)[-1][1]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
 async def test_a_dead_gateway_goes_offline_within_will_delay_plus_keepalive(
         tmp_path: Path, broker: Mosquitto) -> None:
     will_delay, keepalive = 2, 5
     config = _write_config(tmp_path, broker, will_delay, keepalive)
     async with Subscriber(broker.host, broker.port, VEHICLE) as sub:
-        proc = _gateway_process(config)
-        try:
-            await sub.wait_for(lambda: ("online" in [s for s, _ in _states(sub)]), 30)
-            boot = _states(sub)[-1][1]
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            loop = asyncio.get_running_loop()
-            killed = loop.time()
-            await sub.wait_for(lambda: _states(sub)[-1][0] == "offline", will_delay + keepalive + 2)
-            waited = loop.time() - killed
-        finally:
-            proc.kill()
-            proc.wait()
+        boot = await _birth_then_kill_9(sub, config)
+        loop = asyncio.get_running_loop()
+        killed = loop.time()
+        await sub.wait_for(lambda: _states(sub)[-1][0] == "offline", will_delay + keepalive + 2)
+        waited = loop.time() - killed
     will = sub.on("status")[-1]
     payload = validate(will.topic, will.payload)
     assert payload["boot"] == boot
@@ -152,23 +156,15 @@ async def test_a_quick_restart_within_the_will_delay_does_not_flap_offline(
         tmp_path: Path, broker: Mosquitto) -> None:
     config = _write_config(tmp_path, broker, will_delay=5, keepalive=5)
     async with Subscriber(broker.host, broker.port, VEHICLE) as sub:
-        first = _gateway_process(config)
+        boot1 = await _birth_then_kill_9(sub, config)
+        second = _gateway_process(config)
         try:
-            await sub.wait_for(lambda: ("online" in [s for s, _ in _states(sub)]), 30)
-            boot1 = _states(sub)[-1][1]
-            first.send_signal(signal.SIGKILL)
-            first.wait()
-            second = _gateway_process(config)
-            try:
-                await sub.wait_for(lambda: _states(sub)[-1][1] != boot1, 30)
-                await asyncio.sleep(6)  # past the first run's will delay
-                states = _states(sub)
-            finally:
-                second.send_signal(signal.SIGTERM)
-                second.wait(20)
+            await sub.wait_for(lambda: _states(sub)[-1][1] != boot1, 30)
+            await asyncio.sleep(6)  # past the first run's will delay
+            states = _states(sub)
         finally:
-            first.kill()
-            first.wait()
+            second.send_signal(signal.SIGTERM)
+            second.wait(20)
     assert ("offline", boot1) not in states
     assert states[-1][0] == "online"
     assert states[-1][1] != boot1

@@ -11,16 +11,13 @@ from pathlib import Path
 import can
 import pytest
 
-from gateway.app import Pipeline
+from gateway.app import Pipeline, Publishing
 from gateway.clock import ManualClock, SystemClock
 from gateway.config import Profile
 from gateway.config.settings import TelemetrySettings, default_settings
-from gateway.mqtt.durable import DurablePublisher
 from gateway.mqtt.link import Link
-from gateway.mqtt.payloads import Envelope, new_boot_id
 from gateway.mqtt.telemetry import ChangeFilter, Telemetry
-from gateway.mqtt.topics import Topics
-from gateway.outbox import Limits, Outbox
+from gateway.outbox import Outbox
 from gateway.state import SignalView
 from gateway.state.mode import ModeTracker, current_mode
 from hil.broker import Mosquitto
@@ -121,15 +118,9 @@ async def rig(tmp_path: Path, broker: Mosquitto, ref_profile: Profile) -> AsyncI
     """Telemetry on a manual clock, published through a real link to a real broker."""
     clock = ManualClock()
     pipeline = Pipeline.build(ref_profile, clock)
-    settings = settings_for(tmp_path, broker)
-    topics, envelope = Topics(VEHICLE), Envelope(VEHICLE, new_boot_id())
-    outbox = Outbox(settings.outbox_path, Limits(), clock, pipeline.counters, pipeline.rlog)
+    pub = Publishing.build(pipeline, settings_for(tmp_path, broker), link_clock=SystemClock())
+    outbox, durable, link, telemetry = pub.outbox, pub.durable, pub.link, pub.telemetry
     await outbox.open()
-    durable = DurablePublisher(topics, envelope, outbox, clock, pipeline.counters, pipeline.rlog)
-    link = Link(settings.mqtt, topics, envelope, outbox, SystemClock(), pipeline.counters,
-                pipeline.rlog, version="test", profile=ref_profile.name)
-    telemetry = Telemetry(pipeline.store, settings.telemetry, link, durable, topics, envelope,
-                          clock, pipeline.counters)
     async with Subscriber(broker.host, broker.port, VEHICLE) as sub:
         tasks = [asyncio.create_task(durable.run()), asyncio.create_task(link.run())]
         await asyncio.wait_for(link.connected_event.wait(), 10)

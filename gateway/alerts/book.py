@@ -41,10 +41,6 @@ class AlertBook:
         """Active alerts, oldest first."""
         return list(self._active.values())
 
-    def is_active(self, key: str) -> bool:
-        """True when ``key`` is raised."""
-        return key in self._active
-
     def raise_(
         self, key: str, severity: Severity, message: str, *, signal: str | None = None,
         value: Scalar | None = None, limit: Scalar | None = None, source_ts: float | None = None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,13 +20,12 @@ from typing import Any, Literal, NoReturn
 from gateway.config.errors import ConfigError
 from gateway.config.toml_table import SourceMap, Table, read_toml
 from gateway.config.units import normalise
-from gateway.mqtt.topics import valid_vehicle_id
+from gateway.mqtt.topics import valid_topic_prefix, valid_vehicle_id
 
 MqttProtocol = Literal["auto", "5", "3.1.1"]
 _PROTOCOLS: dict[str, MqttProtocol] = {"auto": "auto", "5": "5", "3.1.1": "3.1.1"}
 _SECTIONS = ("gateway", "mqtt", "telemetry", "outbox", "homeassistant")
 _MODE_INTERVALS = {"drive": 1.0, "charge": 10.0, "park": 60.0}
-_TOPIC_PREFIX = re.compile(r"^[^/+#\x00]+(/[^/+#\x00]+)*$")
 _VEHICLE_ID_RULE = "expected 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
 DEFAULT_STATE_DIR = Path("/var/lib/ev-gateway")
 
@@ -373,7 +371,7 @@ def _outbox(t: Table) -> OutboxSettings:
 def _homeassistant(t: Table, vehicle_id: str) -> HomeAssistantSettings:
     t.check_keys(["enabled", "prefix", "name"])
     prefix = t.opt_str("prefix", "homeassistant") or ""
-    if not _TOPIC_PREFIX.match(prefix):
+    if not valid_topic_prefix(prefix):
         t.fail("prefix", f"expected topic levels without '+', '#' or empty levels, got {prefix!r}")
     return HomeAssistantSettings(
         enabled=t.opt_bool("enabled", False),

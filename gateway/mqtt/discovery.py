@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from gateway.mqtt.payloads import encode
-from gateway.mqtt.topics import Topics
+from gateway.mqtt.topics import Topics, valid_topic_prefix
 
 SOC = "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current"
 RANGE = "Vehicle.Powertrain.Range"
@@ -162,7 +162,7 @@ def _entities(topics: Topics) -> list[_Entity]:
 def _check_prefix(prefix: str) -> str:
     """The discovery prefix without a trailing '/'; wildcards and empty prefixes are refused."""
     cleaned = prefix.rstrip("/")
-    if not cleaned or "+" in cleaned or "#" in cleaned or cleaned.startswith("/"):
+    if not valid_topic_prefix(cleaned):
         raise ValueError(f"discovery prefix {prefix!r}: give a plain topic such as 'homeassistant'")
     return cleaned
 

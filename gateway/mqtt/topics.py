@@ -14,11 +14,17 @@ from gateway.state.catalog import Group
 PREFIX = "evgw/v1"
 GROUPS: tuple[Group, ...] = ("battery", "motion", "location", "body", "charging", "health")
 _VEHICLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_TOPIC_PREFIX = re.compile(r"^[^/+#\x00]+(/[^/+#\x00]+)*$")
 
 
 def valid_vehicle_id(vehicle_id: str) -> bool:
     """True when ``vehicle_id`` can be one topic level (no wildcards, separators or spaces)."""
     return bool(_VEHICLE_ID.fullmatch(vehicle_id))
+
+
+def valid_topic_prefix(prefix: str) -> bool:
+    """True when ``prefix`` is one or more plain topic levels (no wildcards, no empty levels)."""
+    return bool(_TOPIC_PREFIX.fullmatch(prefix))
 
 
 @dataclass(frozen=True)
