@@ -20,7 +20,7 @@ from gateway import __version__
 from gateway.alerts import AlertBook
 from gateway.can import BusOptions, LiveSource, ReplaySource, open_bus
 from gateway.clock import Clock
-from gateway.config import Profile
+from gateway.config import ConfigError, Profile
 from gateway.config.settings import Settings
 from gateway.decode import BusPlan, Decoder, build_plans
 from gateway.health import Counters, RateLimitedLog
@@ -32,6 +32,7 @@ from gateway.mqtt.telemetry import Telemetry
 from gateway.mqtt.topics import Topics
 from gateway.outbox import Limits, Outbox, OutboxError
 from gateway.queues import BatchQueue, Overflow
+from gateway.safety import RxCheck, SafetyMonitor, SpeedCap, TransmitGuard, attach_checks
 from gateway.state import StateStore
 
 log = logging.getLogger("gateway")
@@ -51,6 +52,10 @@ class Pipeline:
     rlog: RateLimitedLog
     plans: dict[str, BusPlan]
     decoders: dict[str, Decoder]
+    checks: dict[str, RxCheck] = field(default_factory=dict)
+    """Receive checks (counter, checksum) by message name."""
+    alerts: AlertBook | None = None
+    """Where every stage's alerts go; Publishing attaches the MQTT sink."""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     listeners: list[Callable[[str], None]] = field(default_factory=list)
     """Called with the bus name after each batch reached the state: event-driven consumers
@@ -63,8 +68,10 @@ class Pipeline:
         counters = Counters()
         rlog = RateLimitedLog(log, clock)
         plans = build_plans(profile, store)
+        checks = attach_checks(profile, plans)
         decoders = {name: Decoder(plan, counters, rlog) for name, plan in plans.items()}
-        return cls(profile, clock, store, counters, rlog, plans, decoders)
+        return cls(profile, clock, store, counters, rlog, plans, decoders, checks,
+                   AlertBook(clock))
 
     def bus_options(self, overrides: dict[str, str] | None = None) -> list[BusOptions]:
         """Bus options from the profile with ``name -> interface:channel`` overrides applied."""
@@ -128,6 +135,68 @@ class Pipeline:
         self.tasks.clear()
 
 
+@dataclass
+class Safety:
+    """The safety stage: rules and verdicts, the transmit guard, the speed cap."""
+
+    monitor: SafetyMonitor
+    guard: TransmitGuard
+    speed_cap: SpeedCap | None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, pipeline: Pipeline, state_dir: Path | None = None) -> Safety:
+        """Rules, guard and speed cap for ``pipeline``; call before Publishing.build so the
+        verdicts are published with the state. Raises ConfigError for bad safety config."""
+        alerts = pipeline.alerts or AlertBook(pipeline.clock)
+        pipeline.alerts = alerts
+        monitor = SafetyMonitor(pipeline.profile, pipeline.plans, pipeline.store, alerts,
+                                pipeline.clock, pipeline.checks)
+        guard = TransmitGuard(pipeline.profile, pipeline.plans, pipeline.clock,
+                              pipeline.counters, pipeline.rlog, alerts)
+        monitor.watchers.append(guard.evaluate)
+        cap_spec = pipeline.profile.safety.speed_cap
+        speed_cap = None
+        if cap_spec is not None:
+            bus = cap_spec.bus or pipeline.profile.buses[0].name
+            state_file = state_dir / "speed_cap.json" if state_dir is not None else None
+            try:
+                speed_cap = SpeedCap(cap_spec, guard, bus, pipeline.store, alerts,
+                                     pipeline.clock, state_file)
+            except KeyError as exc:
+                raise ConfigError(str(pipeline.profile.file),
+                                  f"add a [[transmit]] entry for {cap_spec.message}: {exc}",
+                                  line=cap_spec.line, key="safety.speed_cap.message") from None
+            except ValueError as exc:
+                raise ConfigError(str(pipeline.profile.file), str(exc), line=cap_spec.line,
+                                  key="safety.speed_cap") from None
+            monitor.watchers.append(speed_cap.evaluate)
+        pipeline.listeners.append(monitor.on_batch)
+        return cls(monitor, guard, speed_cap)
+
+    def start(self, sources: Sequence[LiveSource] = ()) -> None:
+        """Attach the transmit side to the live buses and start the tick and the speed cap."""
+        for source in sources:
+            self.guard.attach(source.options.name, _bus_of(source))
+        self.tasks.append(asyncio.create_task(self.monitor.run(), name="safety-tick"))
+        if self.speed_cap is not None and sources:
+            self.tasks.append(asyncio.create_task(self.speed_cap.run(), name="speed-cap"))
+
+    async def stop(self) -> None:
+        """Cancel the safety tasks."""
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.tasks.clear()
+
+
+def _bus_of(source: LiveSource) -> Callable[[], can.BusABC | None]:
+    # The source reopens its bus after failures; always send on the current one.
+    return lambda: source.bus
+
+
 EXPIRE_EVERY = 60.0
 """How often old backfill is expired from the outbox."""
 
@@ -168,7 +237,8 @@ class Publishing:
         link = Link(settings.mqtt, topics, envelope, outbox, link_clock or clock, counters, rlog,
                     version=__version__, profile=profile)
         durable = DurablePublisher(topics, envelope, outbox, clock, counters, rlog)
-        alerts = AlertBook(clock, durable)
+        alerts = pipeline.alerts or AlertBook(clock)
+        alerts.sink = durable
         telemetry = Telemetry(pipeline.store, settings.telemetry, link, durable, topics, envelope,
                               clock, counters)
         pub = cls(settings, pipeline.store, clock, profile, topics, envelope, outbox, durable,

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.app import Pipeline, Publishing, run_until, stop_event
+from gateway.app import Pipeline, Publishing, Safety, run_until, stop_event
 from gateway.cli.watch import watch
 from gateway.clock import SystemClock
 from gateway.config import ConfigError, load_profile
@@ -59,16 +59,20 @@ async def _demo(args: argparse.Namespace) -> int:
         settings = with_overrides(
             default_settings(DEMO_VEHICLE, Path(args.profile), Path(tmp) / "state"),
             host=broker.host, port=broker.port)
+        safety = Safety.build(pipeline)
+        if args.speed_cap and safety.speed_cap is not None:
+            safety.speed_cap.select(args.speed_cap)
         publishing = await Publishing.start(pipeline, settings)
         sim_bus = open_sim_bus("virtual", channel)
         ecus = VehicleEcus(VehicleModel(mode=args.mode, soc=args.soc))
         sim = asyncio.create_task(run_vehicle(sim_bus, ecus, clock, stop))
-        pipeline.start_live(options)
+        safety.start(pipeline.start_live(options))
         viewer = asyncio.create_task(watch(broker.host, broker.port, DEMO_VEHICLE, stop))
         try:
             await run_until(stop, pipeline)
         finally:
             stop.set()
+            await safety.stop()
             await publishing.stop()
             await viewer
             await sim
@@ -91,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            help="INTERFACE:CHANNEL, e.g. socketcan:vcan0")
         else:
             p.add_argument("--profile", default=str(REFERENCE_PROFILE))
+            p.add_argument("--speed-cap", metavar="PROFILE",
+                           help="ask the motor controller for this cap, e.g. valet or eu_l6e")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -10,6 +10,7 @@ import can
 import pytest
 
 from gateway.app import Pipeline
+from gateway.checksum import crc8_j1850_bytes
 from gateway.clock import ManualClock
 from gateway.config import Profile, load_profile
 from hil.broker import Mosquitto, find_mosquitto
@@ -48,6 +49,16 @@ def foxbms_dir() -> Path:
     if not (FOXBMS / "foxbms.dbc").is_file():
         pytest.skip(f"shared real-dbc data not found at {FOXBMS}")
     return FOXBMS
+
+
+def seal(data: bytes | bytearray, counter: int | None = None) -> bytes:
+    """A reference-DBC payload with its CRC-8 J1850 in byte 7 (and the 4-bit counter at
+    bits 48-51, if given), as the reference profile's receive checks expect."""
+    out = bytearray(data)
+    if counter is not None:
+        out[6] = (out[6] & 0xF0) | (counter & 0x0F)
+    out[7] = crc8_j1850_bytes(bytes(out[:7]))
+    return bytes(out)
 
 
 def frame(

@@ -10,7 +10,7 @@ import pytest
 from gateway.app import Pipeline
 from gateway.config import load_profile
 from gateway.decode import load_dbc
-from tests.conftest import AMI_PROFILE, DATA, DBC, frame
+from tests.conftest import AMI_PROFILE, DATA, DBC, frame, seal
 
 TB = "Vehicle.Powertrain.TractionBattery"
 BMS = load_dbc(DBC / "reference" / "microev_bms.dbc")
@@ -18,10 +18,11 @@ MCU = load_dbc(DBC / "reference" / "microev_mcu.dbc")
 
 
 def _pack(voltage: float = 99.5, current: float = 10.0, counter: int = 0) -> bytes:
+    """A BMS_Pack payload that passes the receive checks (CRC in byte 7)."""
     msg = BMS.get_message_by_name("BMS_Pack")
-    return bytes(msg.encode({"BMS_PackVoltage": voltage, "BMS_PackCurrent": current,
-                             "BMS_ContactorState": 2, "BMS_State": 2,
-                             "BMS_Pack_Counter": counter, "BMS_Pack_Checksum": 0}))
+    return seal(msg.encode({"BMS_PackVoltage": voltage, "BMS_PackCurrent": current,
+                            "BMS_ContactorState": 2, "BMS_State": 2,
+                            "BMS_Pack_Counter": counter, "BMS_Pack_Checksum": 0}))
 
 
 def _cells(page: int, volts: tuple[float, float, float]) -> bytes:
@@ -80,13 +81,18 @@ def test_repeated_payload_skips_decode_but_refreshes_timestamp(ref_pipeline, clo
     decoder = ref_pipeline.decoders["vehicle"]
     counters = ref_pipeline.counters
     t0 = clock.time()
-    decoder.process([frame(0x100, _pack(), t0)])
+    # The cache is keyed on the whole payload, so a repeat means a repeated counter too.
+    # Two repeats stay well inside the counter's leaky bucket (rejects at the 5th in a
+    # row), so every frame here is consumed and only the cache is under test.
+    decoder.process([frame(0x100, _pack(counter=0), t0)])
     assert counters.get("decode.decoded") == 1
-    decoder.process([frame(0x100, _pack(), t0 + 0.02), frame(0x100, _pack(), t0 + 0.04)])
+    decoder.process([frame(0x100, _pack(counter=0), t0 + 0.02),
+                     frame(0x100, _pack(counter=0), t0 + 0.04)])
     assert counters.get("decode.decoded") == 1, "identical payloads must not be decoded again"
     view = ref_pipeline.store.view(f"{TB}.CurrentVoltage", t0 + 0.04)
     assert view.timestamp == t0 + 0.04 and view.good
-    decoder.process([frame(0x100, _pack(voltage=98.0), t0 + 0.06)])
+    # A new value arrives with the counter advanced, as a live sender would send it.
+    decoder.process([frame(0x100, _pack(voltage=98.0, counter=1), t0 + 0.06)])
     assert counters.get("decode.decoded") == 2
     assert ref_pipeline.store.good_value(f"{TB}.CurrentVoltage", t0 + 0.06) == 98.0
 
@@ -94,6 +100,8 @@ def test_repeated_payload_skips_decode_but_refreshes_timestamp(ref_pipeline, clo
 def test_cache_stays_bounded_with_rolling_counters(ref_pipeline, clock):
     decoder = ref_pipeline.decoders["vehicle"]
     t = clock.time()
+    # The counter advances by one every frame (as on a live bus), so none is rejected and
+    # every payload is new: only the cache bound decides what the cache holds.
     decoder.process([frame(0x100, _pack(counter=i % 16, voltage=90 + i / 100), t)
                      for i in range(500)])
     plan = next(p for p in ref_pipeline.plans["vehicle"].mapped.values() if p.name == "BMS_Pack")
@@ -150,7 +158,8 @@ def test_signal_not_available_is_invalid_not_a_number(ref_pipeline, clock):
     raw = bytearray(data)
     raw[2] = 0xFF  # vehicle speed raw 4095 = SNA (12 bits from bit 16)
     raw[3] |= 0x0F
-    ref_pipeline.decoders["vehicle"].process([frame(0x200, bytes(raw), t)])
+    # Sealed after the edit: the SNA must reach the decode tables, not fail the CRC.
+    ref_pipeline.decoders["vehicle"].process([frame(0x200, seal(raw), t)])
     speed = ref_pipeline.store.view("Vehicle.Speed", t)
     assert speed.timestamp == t and not speed.valid and speed.value is None
     assert ref_pipeline.store.good_value("Vehicle.Powertrain.Transmission.SelectedGear", t) == \
@@ -161,7 +170,7 @@ def test_raw_value_outside_the_enum_is_invalid(ref_pipeline, clock):
     t = clock.time()
     body = load_dbc(DBC / "reference" / "microev_bcm.dbc").get_message_by_name("BCM_Status")
     values = {s.name: 0 for s in body.signals} | {"BCM_LockDriver": 2}  # 2 = Fault
-    ref_pipeline.decoders["vehicle"].process([frame(0x300, body.encode(values), t)])
+    ref_pipeline.decoders["vehicle"].process([frame(0x300, seal(body.encode(values)), t)])
     view = ref_pipeline.store.view("Vehicle.Cabin.Door.Row1.DriverSide.IsLocked", t)
     assert not view.valid
     assert ref_pipeline.store.good_value("Vehicle.Cabin.Door.Row1.PassengerSide.IsLocked", t) \

@@ -9,7 +9,7 @@ import pytest
 from cantools.database.can import Message, Signal
 
 from gateway.decode import load_dbc
-from tests.conftest import DBC, frame
+from tests.conftest import DBC, frame, seal
 
 FILES = ["microev_bms.dbc", "microev_mcu.dbc", "microev_bcm.dbc"]
 MESSAGES = [(f, m) for f in FILES for m in load_dbc(DBC / "reference" / f).messages]
@@ -74,21 +74,22 @@ def test_reference_frames_decode_into_canonical_state(ref_pipeline, clock) -> No
     bms = {m.name: m for f, m in MESSAGES}
     decoder = ref_pipeline.decoders["vehicle"]
     t = clock.time()
-    pack = bms["BMS_Pack"].encode({
+    # BMS_Pack and BCM_Status carry a CRC the decoder checks: seal them so they are consumed.
+    pack = seal(bms["BMS_Pack"].encode({
         "BMS_PackVoltage": 99.52, "BMS_PackCurrent": 42.5, "BMS_ContactorState": 2,
-        "BMS_State": 2, "BMS_Pack_Counter": 3, "BMS_Pack_Checksum": 0})
+        "BMS_State": 2, "BMS_Pack_Counter": 3, "BMS_Pack_Checksum": 0}))
     cells = bms["BMS_CellVoltages"].encode({
         "BMS_CellMux": 9, "BMS_Cell28_V": 3.281, "BMS_Cell29_V": 3.302, "BMS_Cell30_V": 3.299})
     obc = bms["OBC_Status"].encode({
         "OBC_OutputVoltage": 101.3, "OBC_OutputCurrent": 30.2, "OBC_Flt_Hardware": 0,
         "OBC_Flt_OverTemp": 1, "OBC_Flt_InputVoltage": 0, "OBC_Flt_BatteryNotDetected": 0,
         "OBC_Flt_CommTimeout": 0, "OBC_Temperature": 41})
-    body = bms["BCM_Status"].encode({
+    body = seal(bms["BCM_Status"].encode({
         "BCM_LockDriver": 1, "BCM_LockPassenger": 0, "BCM_LockTailgate": 3,
         "BCM_DoorOpenDriver": 0, "BCM_DoorOpenPassenger": 1, "BCM_TailgateOpen": 0,
         "BCM_Ignition": 2, "BCM_Ready": 1, "BCM_ChargePort": 0, "BCM_Aux12V": 12.61,
         "BCM_LastLockSource": 3, "BCM_CmdAckSeq": 5, "BCM_Status_Counter": 0,
-        "BCM_Status_Checksum": 0})
+        "BCM_Status_Checksum": 0}))
     decoder.process([
         frame(0x100, pack, t), frame(0x110, cells, t), frame(0x300, body, t),
         frame(0x18FF50E5, obc, t, extended=True),

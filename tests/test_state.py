@@ -6,7 +6,7 @@ import pytest
 
 from gateway.decode import load_dbc
 from gateway.state import SignalState, StateStore
-from tests.conftest import DBC, frame
+from tests.conftest import DBC, frame, seal
 
 TB = "Vehicle.Powertrain.TractionBattery"
 BMS = load_dbc(DBC / "reference" / "microev_bms.dbc")
@@ -61,8 +61,10 @@ def test_silent_bms_makes_its_values_stale_while_others_stay_fresh(ref_pipeline,
     decoder = ref_pipeline.decoders["vehicle"]
     t0 = clock.time()
     for i in range(10):  # 200 ms of BMS_Pack at 20 ms
-        data = pack.encode({s.name: 0 for s in pack.signals} | {"BMS_PackVoltage": 99.0,
-                                                              "BMS_Pack_Counter": i % 16})
+        # A live stream: the counter advances every frame and each frame carries its CRC,
+        # so staleness (not a receive check) is the only reason the value can go.
+        data = seal(pack.encode({s.name: 0 for s in pack.signals} | {"BMS_PackVoltage": 99.0,
+                                                                   "BMS_Pack_Counter": i % 16}))
         decoder.process([frame(pack.frame_id, data, t0 + i * 0.02)])
     decoder.process([frame(soc.frame_id, soc.encode({s.name: 0 for s in soc.signals}
                                                      | {"BMS_SoC": 55.5}), t0 + 0.18)])

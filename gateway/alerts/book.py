@@ -44,10 +44,16 @@ class AlertBook:
     def raise_(
         self, key: str, severity: Severity, message: str, *, signal: str | None = None,
         value: Scalar | None = None, limit: Scalar | None = None, source_ts: float | None = None,
+        refresh: bool = False,
     ) -> Alert | None:
-        """Raise ``key`` (or change its severity); returns the alert if anything changed."""
+        """Raise ``key`` (or change its severity); returns the alert if anything changed.
+
+        With ``refresh``, a new message at the same severity is published as an update
+        too (a latched alert that now only waits for a reset, say).
+        """
         current = self._active.get(key)
-        if current is not None and current.severity is severity:
+        if current is not None and current.severity is severity and not (
+                refresh and current.message != message):
             return None
         if current is None:
             alert = Alert(key, severity, message, self._clock.time(), signal, value, limit,

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.app import Pipeline, Publishing, run_until, stop_event
+from gateway.app import Pipeline, Publishing, Safety, run_until, stop_event
 from gateway.cli import view
 from gateway.cli.watch import split_broker
 from gateway.clock import Clock, SystemClock
@@ -40,6 +40,8 @@ def add_parser(sub: Any) -> None:
     pace = p.add_mutually_exclusive_group()
     pace.add_argument("--speed", type=float, default=1.0, help="replay speed factor (default 1)")
     pace.add_argument("--fast", action="store_true", help="replay as fast as possible")
+    p.add_argument("--speed-cap", metavar="PROFILE",
+                   help="select a speed-cap profile of the vehicle profile ('none' lifts it)")
     p.add_argument("--view", action="store_true", help="live terminal view of the vehicle state")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.set_defaults(handler=run)
@@ -94,12 +96,26 @@ def run(args: argparse.Namespace) -> int:
     profile = load_profile(profile_path)
     clock = SystemClock()
     pipeline = Pipeline.build(profile, clock)
+    state_dir = settings.state_dir if settings else (Path(args.state_dir) if args.state_dir
+                                                     else None)
+    if state_dir is not None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    safety = Safety.build(pipeline, state_dir)
+    if args.speed_cap:
+        if safety.speed_cap is None:
+            raise SystemExit(f"ev-gateway run: profile {profile.name} has no [safety.speed_cap]")
+        name = None if args.speed_cap == "none" else args.speed_cap
+        try:
+            safety.speed_cap.select(name)
+        except KeyError:
+            raise SystemExit(f"ev-gateway run: no speed-cap profile {args.speed_cap!r}; "
+                             f"profiles: {', '.join(safety.speed_cap.spec.profiles)}") from None
     options = pipeline.bus_options(parse_overrides(args.bus))
-    return asyncio.run(_main(args, pipeline, options, clock, settings))
+    return asyncio.run(_main(args, pipeline, safety, options, clock, settings))
 
 
-async def _main(args: argparse.Namespace, pipeline: Pipeline, options: Any, clock: Clock,
-                settings: Settings | None) -> int:
+async def _main(args: argparse.Namespace, pipeline: Pipeline, safety: Safety, options: Any,
+                clock: Clock, settings: Settings | None) -> int:
     stop = stop_event(args.duration)
     publishing = await Publishing.start(pipeline, settings) if settings else None
     if args.replay:
@@ -112,12 +128,14 @@ async def _main(args: argparse.Namespace, pipeline: Pipeline, options: Any, cloc
                 stop.set()
 
         pipeline.tasks.append(asyncio.create_task(replay(), name="replay"))
+        safety.start()
     else:
-        pipeline.start_live(options)
+        safety.start(pipeline.start_live(options))
     screen = LiveScreen(pipeline, clock) if args.view else None
     try:
         await run_until(stop, pipeline, screen.refresh if screen else None)
     finally:
+        await safety.stop()
         if publishing is not None:
             await publishing.stop()
     if screen:
@@ -156,9 +174,11 @@ class LiveScreen:
                   and k not in ("decode.decoded", "decode.unmapped", "decode.cache_resets"))
         p = self._pipeline.profile
         title = f"ev-gateway | {p.name} | {view.clock_line(now)}"
+        alerts = self._pipeline.alerts.active() if self._pipeline.alerts else []
+        shown = ", ".join(f"{a.key} ({a.severity.value})" for a in alerts[:4])
         status = (f"frames {frames} ({rate:.0f}/s)  bad frames {bad}  "
                   f"stale {len(self._pipeline.store.stale_paths(now))}/{len(self._pipeline.store)}"
-                  "   Ctrl-C to quit")
+                  f"  alerts {len(alerts)}{': ' + shown if shown else ''}   Ctrl-C to quit")
         width = shutil.get_terminal_size((120, 40)).columns
         text = view.render(title, self._pipeline.store.snapshot(now), status, width)
         if self._tty:

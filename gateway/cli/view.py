@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from gateway.state import SignalView
 
-GROUPS = ("battery", "charging", "motion", "body", "location", "health")
+GROUPS = ("battery", "charging", "motion", "body", "location", "health", "safety")
 _ARRAY = re.compile(r"^(?P<head>.+)\.(?P<n>\d+)\.(?P<leaf>\w+)$")
 _FLAGS = re.compile(r"^(?P<head>.+\.(?:Fault|ChargerFault))\.(?P<leaf>\w+)$")
 _PREFIXES = ("Vehicle.Powertrain.TractionBattery.", "Vehicle.Powertrain.", "Vehicle.")

@@ -18,6 +18,8 @@ from typing import Any
 
 import can
 
+from gateway import checksum
+from gateway.config.safety import SafetySpec, TransmitSpec, parse_safety, parse_transmit
 from gateway.config.toml_table import SourceMap, Table, read_toml
 
 EnumMap = dict[int, "str | bool | int | float"]
@@ -54,6 +56,16 @@ class MessageSpec:
     stale_cycles: int | None = None
     bus: str | None = None
     line: int | None = None
+    counter: str | None = None
+    """Signal holding the rolling counter (receive check, and filled in on transmit)."""
+    checksum: str | None = None
+    """Signal holding the checksum byte."""
+    checksum_algorithm: str = "crc8_j1850"
+    counter_tolerance: int = 5
+    """Leaky bucket: wrong counters push it up by one, right ones drain it by one; the
+    message fails while it is full."""
+    dlc: int | None = None
+    """Expected length in bytes; the DBC's when not set."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,8 @@ class Profile:
     messages: dict[str, MessageSpec]
     mappings: tuple[SignalMapping, ...]
     source: SourceMap = field(repr=False, compare=False)
+    safety: SafetySpec = field(default_factory=SafetySpec)
+    transmit: tuple[TransmitSpec, ...] = ()
 
     def bus(self, name: str) -> BusSpec:
         """The bus called ``name``."""
@@ -119,7 +133,8 @@ def load_profile(path: str | Path) -> Profile:
 def _parse(file: Path, data: dict[str, Any], source: SourceMap) -> Profile:
     name_ = str(file)
     top = Table(data, name_, source, "", 0, "profile")
-    top.check_keys(["vehicle", "defaults", "bus", "messages", "signal", "signal_group"])
+    top.check_keys(["vehicle", "defaults", "bus", "messages", "signal", "signal_group",
+                    "safety", "transmit"])
 
     vehicle = top.sub("vehicle", "vehicle", "vehicle")
     if vehicle is None:
@@ -132,12 +147,12 @@ def _parse(file: Path, data: dict[str, Any], source: SourceMap) -> Profile:
     stale_cycles = 3
     defaults = top.sub("defaults", "defaults", "defaults")
     if defaults is not None:
-        defaults.check_keys(["stale_cycles"])
+        defaults.check_keys(["stale_cycles", "checksum_algorithm", "counter_tolerance"])
         stale_cycles = defaults.opt_int("stale_cycles", 3, minimum=1) or 3
 
     buses = _parse_buses(file, _array(top, "bus", required=True))
     bus_names = {b.name for b in buses}
-    messages = _parse_messages(top, bus_names)
+    messages = _parse_messages(top, bus_names, defaults)
     mappings = [
         _parse_mapping(t, bus_names, group=False) for t in _array(top, "signal", required=False)
     ]
@@ -157,6 +172,8 @@ def _parse(file: Path, data: dict[str, Any], source: SourceMap) -> Profile:
         messages=messages,
         mappings=tuple(mappings),
         source=source,
+        safety=parse_safety(top, chemistry),
+        transmit=parse_transmit(_array(top, "transmit", required=False), bus_names),
     )
 
 
@@ -213,7 +230,14 @@ def _parse_buses(file: Path, tables: list[Table]) -> list[BusSpec]:
     return buses
 
 
-def _parse_messages(top: Table, bus_names: set[str]) -> dict[str, MessageSpec]:
+def _parse_messages(
+    top: Table, bus_names: set[str], defaults: Table | None
+) -> dict[str, MessageSpec]:
+    algorithm = "crc8_j1850"
+    tolerance = 5
+    if defaults is not None:
+        algorithm = _checksum_name(defaults, algorithm)
+        tolerance = defaults.opt_int("counter_tolerance", 5, minimum=1) or 5
     raw = top.data.get("messages", {})
     if not isinstance(raw, dict):
         top.fail("messages", "expected a table of [messages.NAME] tables")
@@ -223,7 +247,8 @@ def _parse_messages(top: Table, bus_names: set[str]) -> dict[str, MessageSpec]:
                   f"messages.{name}", 0, f"messages.{name}")
         if not isinstance(body, dict):
             t.fail(None, "expected a table")
-        t.check_keys(["cycle_ms", "stale_cycles", "bus"])
+        t.check_keys(["cycle_ms", "stale_cycles", "bus", "counter", "checksum",
+                      "checksum_algorithm", "counter_tolerance", "dlc"])
         bus = t.opt_str("bus")
         if bus is not None and bus not in bus_names:
             t.fail("bus", f"no bus named {bus!r}; buses: {', '.join(sorted(bus_names))}")
@@ -233,8 +258,21 @@ def _parse_messages(top: Table, bus_names: set[str]) -> dict[str, MessageSpec]:
             stale_cycles=t.opt_int("stale_cycles", None, minimum=1),
             bus=bus,
             line=t.line,
+            counter=t.opt_str("counter"),
+            checksum=t.opt_str("checksum"),
+            checksum_algorithm=_checksum_name(t, algorithm),
+            counter_tolerance=t.opt_int("counter_tolerance", tolerance, minimum=1) or tolerance,
+            dlc=t.opt_int("dlc", None, minimum=0),
         )
     return specs
+
+
+def _checksum_name(t: Table, default: str) -> str:
+    name = t.opt_str("checksum_algorithm", default) or default
+    if name not in checksum.names():
+        t.fail("checksum_algorithm",
+               f"unknown algorithm {name!r}; known: {', '.join(checksum.names())}")
+    return name
 
 
 def _parse_mapping(t: Table, bus_names: set[str], group: bool) -> SignalMapping:

@@ -14,8 +14,10 @@ Cost control, in order of effect:
    recording a frame is two stores, and scaling, unit conversion and enum
    lookup happen when a value is read (see gateway.state.store).
 
-Bad input is counted per reason under ``decode.<reason>`` and logged once per
-interval per reason, never raised.
+Bad input is counted per reason under ``decode.<reason>`` (and, for a mapped
+message that fails a receive check, ``rx.<message>.<reason>``) and logged
+once per interval per reason, never raised. Receive checks (counter,
+checksum: gateway.safety.receive) run before a frame reaches the state.
 """
 
 from __future__ import annotations
@@ -65,15 +67,23 @@ class Decoder:
                 continue
             data = bytes(msg.data)
             entry = plan.cache.get(data)
+            check = plan.check
             if entry is None:
                 if len(data) != plan.length:
                     self._wrong_length(plan, msg, data)
+                    continue
+                # Only new payloads are verified: the cache holds payloads that passed.
+                if check is not None and not check.checksum_ok(data):
+                    self._failed(plan, msg, "bad_checksum")
                     continue
                 entry = self._decode(plan, data, msg)
                 if entry is None:
                     continue
             ts = msg.timestamp
             values, pages = entry
+            if check is not None and not check.accept(values, ts):
+                self._failed(plan, msg, "bad_counter", reject=False)
+                continue
             sample = plan.sample
             sample.timestamp = ts
             sample.values = values
@@ -111,8 +121,16 @@ class Decoder:
         self._reject(msg, "unknown_id")
 
     def _wrong_length(self, plan: MessagePlan, msg: can.Message, data: bytes) -> None:
+        self._failed(plan, msg, "wrong_dlc", f"{len(data)} bytes, expected {plan.length}")
+
+    def _failed(self, plan: MessagePlan, msg: can.Message, reason: str, detail: str = "",
+                reject: bool = True) -> None:
+        """A frame of a mapped message failed a receive check: it is not consumed."""
         self._invalidate(plan, msg.timestamp)
-        self._reject(msg, "wrong_dlc", f"{plan.name}: {len(data)} bytes, DBC says {plan.length}")
+        if reject and plan.check is not None:
+            plan.check.reject(reason, msg.timestamp)
+        self._counters.inc(f"rx.{plan.name}.{reason}")
+        self._reject(msg, reason, f"{plan.name}: {detail}" if detail else plan.name)
 
     @staticmethod
     def _invalidate(plan: MessagePlan, ts: float) -> None:

@@ -13,7 +13,7 @@ import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cantools.database.can import Database, Message, Signal
 
@@ -72,6 +72,22 @@ class SignalDecode:
         return value, True
 
 
+class FrameCheck(Protocol):
+    """A receive check (gateway.safety.receive) the decoder consults per frame."""
+
+    def checksum_ok(self, data: bytes) -> bool:
+        """True when a new payload's checksum is right."""
+        ...
+
+    def accept(self, values: dict[str, Any], ts: float) -> bool:
+        """True when the frame (with these raw values) may be consumed."""
+        ...
+
+    def reject(self, reason: str, ts: float) -> None:
+        """Record a failed frame."""
+        ...
+
+
 @dataclass(eq=False)
 class MessagePlan:
     """Everything the decoder needs for one mapped CAN ID."""
@@ -92,6 +108,8 @@ class MessagePlan:
     """One sample per distinct set of pages that signals are carried on."""
     cache: dict[bytes, tuple[dict[str, Any], tuple[Sample, ...]]] = field(default_factory=dict)
     """Payload -> (raw values, page samples): a repeated payload needs no decode."""
+    check: FrameCheck | None = None
+    """Receive check (counter, checksum) the profile declares for this message."""
 
     def page_samples(self, values: dict[str, Any]) -> tuple[Sample, ...]:
         """The page samples a decoded frame updates besides ``sample`` (none unless muxed)."""

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from gateway.state.catalog import Group
 
 PREFIX = "evgw/v1"
-GROUPS: tuple[Group, ...] = ("battery", "motion", "location", "body", "charging", "health")
+GROUPS: tuple[Group, ...] = (
+    "battery", "motion", "location", "body", "charging", "health", "safety",
+)
 _VEHICLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TOPIC_PREFIX = re.compile(r"^[^/+#\x00]+(/[^/+#\x00]+)*$")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Kind = Literal["number", "bool", "string"]
-Group = Literal["battery", "motion", "location", "body", "charging", "health"]
+Group = Literal["battery", "motion", "location", "body", "charging", "health", "safety"]
 
 TB = "Vehicle.Powertrain.TractionBattery"
 TM = "Vehicle.Powertrain.TractionMotor"
@@ -137,6 +137,15 @@ _ENTRIES = [
                  "Sequence number of the last body command executed"),
     CatalogEntry("Vehicle.Exterior.AirTemperature", "degC", "number", "health",
                  "Outside air temperature"),
+    # verdicts of the safety stage (docs/safety.md); set by the gateway, not mapped
+    CatalogEntry("Vehicle.Safety.Motion", "", "string", "safety",
+                 "stationary, moving or unknown (treat unknown as moving)"),
+    CatalogEntry("Vehicle.Safety.PackOk", "", "bool", "safety",
+                 "Battery data good and no critical battery alert"),
+    CatalogEntry("Vehicle.Safety.ChargingAllowed", "", "bool", "safety",
+                 "The gateway's safety checks allow charging now"),
+    CatalogEntry("Vehicle.CurrentLocation.Speed", "km/h", "number", "location",
+                 "Speed over ground from GNSS"),
 ]
 
 CATALOG: dict[str, CatalogEntry] = {e.path: e for e in _ENTRIES}

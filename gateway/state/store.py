@@ -14,7 +14,8 @@ anything that is not both.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import fnmatch
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,13 +156,32 @@ class StateStore:
 
     def __init__(self) -> None:
         self._signals: dict[str, SignalState] = {}
+        self._matches: dict[tuple[str, ...], list[SignalState]] = {}
 
     def register(self, slot: SignalState) -> SignalState:
         """Add ``slot``; registering a path twice is a profile error."""
         if slot.path in self._signals:
             raise ValueError(f"signal {slot.path!r} is mapped twice")
         self._signals[slot.path] = slot
+        self._matches.clear()
         return slot
+
+    def matching(self, patterns: Iterable[str]) -> list[SignalState]:
+        """Slots matching ``patterns`` (fnmatch globs), in pattern order, each once.
+
+        Cached until the next :meth:`register`: rules ask at every evaluation.
+        """
+        key = tuple(patterns)
+        found = self._matches.get(key)
+        if found is None:
+            found, seen = [], set()
+            for pattern in key:
+                for s in self._signals.values():
+                    if s.path not in seen and fnmatch.fnmatchcase(s.path, pattern):
+                        seen.add(s.path)
+                        found.append(s)
+            self._matches[key] = found
+        return list(found)
 
     def __contains__(self, path: object) -> bool:
         return path in self._signals
