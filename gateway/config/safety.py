@@ -87,7 +87,11 @@ def parse_safety(top: Table, chemistry: str | None) -> SafetySpec:
     if raw_limits is not None:
         for name in raw_limits.data:
             if name not in LIMIT_NAMES:
-                raw_limits.fail(name, f"no rule {name!r}; rules: {', '.join(LIMIT_NAMES)}")
+                where = Table({}, t.file, t.source, f"safety.limits.{name}",
+                              label="safety.limits", anchor=raw_limits.line)
+                if where.line is None:  # written as a key, not as its own [header]
+                    raw_limits.fail(name, f"no rule {name!r}; rules: {', '.join(LIMIT_NAMES)}")
+                where.fail(name, f"no rule {name!r}; rules: {', '.join(LIMIT_NAMES)}")
             sub = raw_limits.sub(name, f"safety.limits.{name}", f"safety.limits.{name}")
             assert sub is not None
             limits[name] = _override(sub, limits[name])

@@ -80,7 +80,10 @@ class Table:
         table: str,
         index: int = 0,
         label: str | None = None,
+        anchor: int | None = None,
     ) -> None:
+        self.anchor = anchor
+        """Line to report when the table has none of its own (an inline table)."""
         self.data = data
         self.file = file
         self.source = source
@@ -96,6 +99,7 @@ class Table:
     def fail(self, key: str | None, message: str) -> NoReturn:
         """Raise a ConfigError located at ``key`` in this table."""
         line = self.source.key_line(self.table, self.index, key) if key else self.line
+        line = line or self.anchor
         full_key = f"{self.label}.{key}" if key else self.label
         raise ConfigError(self.file, message, line=line, key=full_key)
 
@@ -179,4 +183,5 @@ class Table:
             return None
         if not isinstance(value, dict):
             self.fail(key, "expected a table")
-        return Table(value, self.file, self.source, table, 0, label)
+        return Table(value, self.file, self.source, table, 0, label,
+                     anchor=self.source.key_line(self.table, self.index, key) or self.anchor)

@@ -167,14 +167,16 @@ class SafetyMonitor:
         samples = [p.all_samples() for p in bus.mapped.values()]
 
         def measure(now: float) -> Reading:
-            started = self._started if self._started is not None else now
+            assert self._started is not None  # evaluate() sets it before any rule runs
             last = max((s.timestamp for s in plan.all_samples() if s.timestamp), default=None)
-            if now - (last if last is not None else started) <= window:
+            deadline = (last if last is not None else self._started) + window
+            if now <= deadline:
                 return Measurement(0.0, last or now)
-            # Silent. Is anyone else on this bus talking? If not, the bus sleeps.
+            # Silent. Did anything else on this bus arrive after our deadline? If not, the
+            # whole bus went quiet together: the car is off and the bus sleeps.
             latest = max((s.timestamp for group in samples for s in group if s.timestamp),
                          default=None)
-            if latest is None or now - latest > window:
+            if latest is None or latest <= deadline:
                 return NOT_APPLICABLE
             return Measurement(1.0, now)
 

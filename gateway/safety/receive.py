@@ -62,7 +62,7 @@ class RxCheck:
         if name is not None:
             counter = values.get(name)
             last, self._last = self._last, counter
-            if last is not None and isinstance(counter, int):
+            if last is not None:
                 if counter == (last + 1) % self._modulus:
                     if self.bucket:
                         self.bucket -= 1

@@ -55,7 +55,17 @@ class SpeedCap:
             raise ValueError(f"{spec.message} has no signal {', '.join(unknown)}")
         if spec.report is not None and spec.report not in store:
             raise ValueError(f"report {spec.report} is not mapped by the profile")
+        for cap in (None, *spec.profiles.values()):
+            # Every request this profile can make must encode: found now, not at run time.
+            try:
+                self._encoder.encode(self._values(cap))
+            except Exception as exc:  # cantools raises EncodeError, ValueError, KeyError
+                raise ValueError(f"{spec.message} cannot carry the request for "
+                                 f"{'no cap' if cap is None else f'{cap:g} km/h'}: {exc}"
+                                 ) from None
+        self._encoder.count = 0  # the trial encodes above sent nothing
         self.cycle_s = guard.cycle_s(spec.message, bus) or 0.1
+        self._selected_at: float | None = None
         self.active = self._load()
         self._overspeed = LevelMachine(
             LimitSpec("speedcap_overspeed", spec.tolerance_kmh, None, 1.0, spec.debounce_s,
@@ -75,19 +85,17 @@ class SpeedCap:
         if name is not None and name not in self.spec.profiles:
             raise KeyError(f"no speed-cap profile {name!r}")
         self.active = name
+        self._selected_at = self._clock.time()
         self._save()
 
     def send(self) -> bool:
         """Send the request frame once (through the transmit guard)."""
-        cap = self.cap_kmh
+        return self._guard.send(self._bus, self._encoder.encode(self._values(self.cap_kmh)))
+
+    def _values(self, cap: float | None) -> dict[str, float]:
         values = dict(self.spec.fixed)
         values[self.spec.signal] = self.spec.none_value if cap is None else round(cap)
-        try:
-            frame = self._encoder.encode(values)
-        except (ValueError, KeyError) as exc:  # cantools' EncodeError is a ValueError
-            log.error("speed cap: cannot encode %s: %s", self.spec.message, exc)
-            return False
-        return self._guard.send(self._bus, frame)
+        return values
 
     async def run(self) -> None:
         """Send the request at the message's cycle until cancelled."""
@@ -108,19 +116,24 @@ class SpeedCap:
 
     def _applied(self, cap: float | None, now: float) -> Measurement | None:
         path = self.spec.report
-        if path is None or path not in self._store:
+        if path is None:
             return None
         slot = self._store.slot(path)
         if slot.is_stale(now):
             return None
         value, valid = slot.reading()
-        if not valid or slot.timestamp is None:
+        if not valid:
             return None
+        ts = slot.timestamp
+        assert ts is not None  # not stale implies received
         reported = value if isinstance(value, int | float) and not isinstance(value, bool) \
             else None
         ok = reported is None if cap is None else reported is not None and \
             abs(reported - cap) < 0.5
-        return Measurement(0.0 if ok else 1.0, slot.timestamp)
+        # A report from before the selection says nothing about the new cap: confirm_s
+        # counts from the selection at the earliest.
+        since = ts if self._selected_at is None else max(ts, self._selected_at)
+        return Measurement(0.0 if ok else 1.0, since)
 
     def _check(self, key: str, machine: LevelMachine, reading: Measurement | str | None,
                now: float, cap: float | None) -> None:

@@ -5,6 +5,10 @@ model's state at its ``GenMsgCycleTime``. Safety-relevant frames carry a
 4-bit rolling counter and a CRC-8 SAE J1850 over bytes 0..6 in byte 7, as
 dbc/README.md specifies. Frames the gateway sends (``GW_*``) are consumed
 and change the model: locks, speed cap, charge limit.
+
+Faults can be injected per message (override signals, freeze the counter,
+corrupt the checksum), per node (silence it), and in the motor controller
+(ignore the speed cap), so tests can show the gateway noticing each one.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ REFERENCE_DBC = Path(__file__).resolve().parents[2] / "dbc" / "reference"
 DBC_FILES = ("microev_bms.dbc", "microev_mcu.dbc", "microev_bcm.dbc")
 
 Signals = dict[str, Any]
+
+SPEED_CAP_TIMEOUT_S = 0.5
+"""The MCU drops a cap whose GW_SpeedLimit frames stopped this long ago (DBC comment)."""
+BAD_CHECKSUM_XOR = 0x5A
+"""What a corrupted checksum byte is xor-ed with: never zero, so it is always wrong."""
 
 
 def crc8_j1850(data: bytes) -> int:
@@ -57,6 +66,16 @@ class VehicleEcus:
         self.silenced: set[str] = set()
         # Fault injection: per-message signal values that override the model's.
         self.overrides: dict[str, Signals] = {}
+        # Fault injection by message name: a rolling counter that stops advancing, and a
+        # checksum byte sent corrupted (names without a counter or checksum are unaffected).
+        self.frozen_counter: set[str] = set()
+        self.bad_checksum: set[str] = set()
+        # A motor controller that takes GW_SpeedLimit frames but never applies or reports a cap.
+        self.ignore_speed_cap = False
+        # model.t of the GW_SpeedLimit frame the current cap came from; None if not from one.
+        self._cap_heard_at: float | None = None
+        self._cells_key: tuple[float, float, float] | None = None
+        self._cells_now: list[float] = []
         self.received: list[can.Message] = []
         builders: dict[str, tuple[Callable[[int], Signals], int]] = {
             "BMS_Pack": (self._bms_pack, 1),
@@ -92,6 +111,7 @@ class VehicleEcus:
 
     def due_frames(self, now: float) -> list[can.Message]:
         """Frames whose cycle falls due at or before ``now`` (simulation seconds)."""
+        self._expire_speed_cap()
         out = []
         for c in self._cyclic:
             while c.next_due <= now:
@@ -108,12 +128,17 @@ class VehicleEcus:
         prefix = c.message.name
         if c.has_crc:
             if f"{prefix}_Counter" in (s.name for s in c.message.signals):
-                signals[f"{prefix}_Counter"] = c.counter
-                c.counter = (c.counter + 1) & 0xF
+                if prefix in self.frozen_counter:
+                    signals[f"{prefix}_Counter"] = (c.counter - 1) & 0xF  # repeat the last one
+                else:
+                    signals[f"{prefix}_Counter"] = c.counter
+                    c.counter = (c.counter + 1) & 0xF
             signals[f"{prefix}_Checksum"] = 0
         data = bytearray(c.message.encode(signals, strict=False))
         if c.has_crc:
             data[7] = crc8_j1850(bytes(data[:7]))
+            if prefix in self.bad_checksum:
+                data[7] ^= BAD_CHECKSUM_XOR
         return can.Message(
             arbitration_id=c.message.frame_id, is_extended_id=c.message.is_extended_frame,
             data=bytes(data), timestamp=at,
@@ -144,18 +169,39 @@ class VehicleEcus:
             if seq != m.cmd_ack_seq and v["GW_LockRequest"] in (1, 2):
                 m.command_lock(v["GW_LockRequest"] == 1, seq)
         elif name == "GW_SpeedLimit":
+            if self.ignore_speed_cap:
+                return
             cap = int(v["GW_SpeedLimitRequest"])
             m.speed_cap_kmh = None if cap == 255 else float(cap)
+            self._cap_heard_at = m.t
         elif name == "GW_ChargeControl":
             m.charge_limit = int(v["GW_ChargeLimitSoc"])
 
+    def _expire_speed_cap(self) -> None:
+        # Only a cap taken from GW_SpeedLimit expires; one set on the model directly stands
+        # for the controller's own configuration.
+        heard = self._cap_heard_at
+        if heard is not None and self.model.t - heard >= SPEED_CAP_TIMEOUT_S:
+            self.model.speed_cap_kmh = None
+            self._cap_heard_at = None
+
     # ---- message builders ------------------------------------------------------
+
+    def _cells(self) -> list[float]:
+        # Most frames of a step read the cell voltages, the costliest part of the model:
+        # work them out once per model state (their sum is model.pack_voltage()).
+        m = self.model
+        key = (m.t, m.soc, m.pack_current)
+        if key != self._cells_key:
+            self._cells_key = key
+            self._cells_now = m.cell_voltages()
+        return self._cells_now
 
     def _bms_pack(self, _: int) -> Signals:
         m = self.model
         contactor = 2 if m.mode in ("drive", "charge") else 0
         state = {"drive": 2, "charge": 3, "park": 1}[m.mode]
-        return {"BMS_PackVoltage": m.pack_voltage(),
+        return {"BMS_PackVoltage": sum(self._cells()),
                 "BMS_PackCurrent": m.pack_current + m.noise(0.2),
                 "BMS_ContactorState": contactor, "BMS_State": state}
 
@@ -167,7 +213,7 @@ class VehicleEcus:
                 "BMS_MaxChargeCurrent": 60 if m.pack_temp_c > 0 else 10}
 
     def _bms_cell_stats(self, _: int) -> Signals:
-        cells = self.model.cell_voltages()
+        cells = self._cells()
         hi = max(range(CELLS), key=cells.__getitem__)
         lo = min(range(CELLS), key=cells.__getitem__)
         return {"BMS_MaxCellVoltage": cells[hi], "BMS_MaxCellIdx": hi + 1,
@@ -196,7 +242,7 @@ class VehicleEcus:
                 "BMS_TimeToFull": max(0, round(remaining)) if remaining is not None else 0xFFFF}
 
     def _bms_cells(self, page: int) -> Signals:
-        cells = self.model.cell_voltages()
+        cells = self._cells()
         out: Signals = {"BMS_CellMux": page}
         for k in range(3):
             n = page * 3 + k
@@ -219,7 +265,7 @@ class VehicleEcus:
     def _obc_status(self, _: int) -> Signals:
         m = self.model
         charging = m.mode == "charge"
-        return {"OBC_OutputVoltage": m.pack_voltage() if charging else 0.0,
+        return {"OBC_OutputVoltage": sum(self._cells()) if charging else 0.0,
                 "OBC_OutputCurrent": -m.pack_current if charging else 0.0,
                 "OBC_Temperature": round(m.ambient_c + (15 if charging else 0))}
 
@@ -231,7 +277,7 @@ class VehicleEcus:
 
     def _mcu_power(self, _: int) -> Signals:
         m = self.model
-        return {"MCU_DcBusVoltage": m.pack_voltage() - 0.4,
+        return {"MCU_DcBusVoltage": sum(self._cells()) - 0.4,
                 "MCU_DcBusCurrent": m.pack_current - 1.0 if m.mode == "drive" else 0.0,
                 "MCU_TorqueAvailable": 95.0}
 
