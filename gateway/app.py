@@ -41,6 +41,15 @@ QUEUE_FRAMES = 20_000
 """Per-bus frame queue bound: several seconds of a fully loaded 500 kbit/s bus."""
 
 
+async def cancel_all(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until each has finished."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 @dataclass
 class Pipeline:
     """The receive side of the gateway for one vehicle profile."""
@@ -52,9 +61,9 @@ class Pipeline:
     rlog: RateLimitedLog
     plans: dict[str, BusPlan]
     decoders: dict[str, Decoder]
-    checks: dict[str, RxCheck] = field(default_factory=dict)
+    checks: dict[str, RxCheck]
     """Receive checks (counter, checksum) by message name."""
-    alerts: AlertBook | None = None
+    alerts: AlertBook
     """Where every stage's alerts go; Publishing attaches the MQTT sink."""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     listeners: list[Callable[[str], None]] = field(default_factory=list)
@@ -127,11 +136,7 @@ class Pipeline:
 
     async def stop(self) -> None:
         """Cancel every task the pipeline started."""
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self.tasks)
         self.tasks.clear()
 
 
@@ -148,8 +153,7 @@ class Safety:
     def build(cls, pipeline: Pipeline, state_dir: Path | None = None) -> Safety:
         """Rules, guard and speed cap for ``pipeline``; call before Publishing.build so the
         verdicts are published with the state. Raises ConfigError for bad safety config."""
-        alerts = pipeline.alerts or AlertBook(pipeline.clock)
-        pipeline.alerts = alerts
+        alerts = pipeline.alerts
         monitor = SafetyMonitor(pipeline.profile, pipeline.plans, pipeline.store, alerts,
                                 pipeline.clock, pipeline.checks)
         guard = TransmitGuard(pipeline.profile, pipeline.plans, pipeline.clock,
@@ -184,11 +188,7 @@ class Safety:
 
     async def stop(self) -> None:
         """Cancel the safety tasks."""
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self.tasks)
         self.tasks.clear()
 
 
@@ -237,7 +237,7 @@ class Publishing:
         link = Link(settings.mqtt, topics, envelope, outbox, link_clock or clock, counters, rlog,
                     version=__version__, profile=profile)
         durable = DurablePublisher(topics, envelope, outbox, clock, counters, rlog)
-        alerts = pipeline.alerts or AlertBook(clock)
+        alerts = pipeline.alerts
         alerts.sink = durable
         telemetry = Telemetry(pipeline.store, settings.telemetry, link, durable, topics, envelope,
                               clock, counters)
@@ -280,12 +280,8 @@ class Publishing:
     async def stop(self) -> None:
         """Say goodbye on the broker, commit what is queued, close the outbox."""
         await self.link.close(self.tasks.pop("mqtt-link", None))
-        for name in ("telemetry", "outbox-expiry"):
-            task = self.tasks.pop(name, None)
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_all([t for name in ("telemetry", "outbox-expiry")
+                          if (t := self.tasks.pop(name, None)) is not None])
         self.durable.close()
         writer = self.tasks.pop("outbox-writer", None)
         if writer is not None:

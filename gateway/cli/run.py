@@ -174,7 +174,7 @@ class LiveScreen:
                   and k not in ("decode.decoded", "decode.unmapped", "decode.cache_resets"))
         p = self._pipeline.profile
         title = f"ev-gateway | {p.name} | {view.clock_line(now)}"
-        alerts = self._pipeline.alerts.active() if self._pipeline.alerts else []
+        alerts = self._pipeline.alerts.active()
         shown = ", ".join(f"{a.key} ({a.severity.value})" for a in alerts[:4])
         status = (f"frames {frames} ({rate:.0f}/s)  bad frames {bad}  "
                   f"stale {len(self._pipeline.store.stale_paths(now))}/{len(self._pipeline.store)}"

@@ -35,7 +35,7 @@ from gateway.safety.verdicts import (
     charging_verdict,
     pack_verdict,
 )
-from gateway.state import SignalState, StateStore
+from gateway.state import CATALOG, SignalState, StateStore
 
 MIN_GAP = 0.05
 """Event-driven evaluations are at least this far apart (monotonic seconds)."""
@@ -199,11 +199,11 @@ class SafetyMonitor:
 
     @staticmethod
     def _register_verdicts(store: StateStore) -> dict[str, SignalState]:
-        kinds = {"motion": "string", "pack_ok": "bool", "charging_allowed": "bool"}
         out = {}
         for name, path in VERDICT_PATHS.items():
+            entry = CATALOG[path]
             # Stale after a second (ten ticks): a stuck safety loop shows as stale verdicts.
             out[name] = store.register(
-                SignalState(path, "", kinds[name], "safety", stale_after=1.0))
+                SignalState(path, entry.unit, entry.kind, entry.group, stale_after=1.0))
         return out
 

@@ -115,7 +115,7 @@ def build_check(profile: Profile, spec: MessageSpec, message: Message) -> RxChec
         return None
     modulus, index, algorithm = 0, 0, None
     if spec.counter is not None:
-        modulus = 1 << _signal(profile, spec, message, "counter", spec.counter).length
+        modulus = 1 << message_signal(profile, spec, message, "counter", spec.counter).length
     if spec.checksum is not None:
         index = checksum_byte(profile, spec, message)
         algorithm = checksum.algorithm(spec.checksum_algorithm)
@@ -126,7 +126,7 @@ def build_check(profile: Profile, spec: MessageSpec, message: Message) -> RxChec
 def checksum_byte(profile: Profile, spec: MessageSpec, message: Message) -> int:
     """Index of the payload byte that holds ``spec.checksum``."""
     assert spec.checksum is not None
-    sig = _signal(profile, spec, message, "checksum", spec.checksum)
+    sig = message_signal(profile, spec, message, "checksum", spec.checksum)
     aligned = sig.start % 8 == (7 if sig.byte_order == "big_endian" else 0)
     if sig.length != 8 or not aligned:
         raise _error(profile, spec, "checksum",
@@ -134,8 +134,9 @@ def checksum_byte(profile: Profile, spec: MessageSpec, message: Message) -> int:
     return int(sig.start // 8)
 
 
-def _signal(profile: Profile, spec: MessageSpec, message: Message, key: str,
-            name: str) -> Signal:
+def message_signal(profile: Profile, spec: MessageSpec, message: Message, key: str,
+                   name: str) -> Signal:
+    """Signal ``name`` of ``message``, which ``spec``'s key ``key`` names (ConfigError if none)."""
     for sig in message.signals:
         if sig.name == name:
             return sig

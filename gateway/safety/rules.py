@@ -221,8 +221,11 @@ def _flag(slots: list[SignalState]) -> Measure:
 
     def measure(now: float) -> Reading:
         value = inp.good_bool(s, now)
+        if value is None:
+            return None
         ts = s.timestamp
-        return None if value is None or ts is None else Measurement(float(value), ts)
+        assert ts is not None  # fresh implies received
+        return Measurement(float(value), ts)
     return measure
 
 
@@ -234,9 +237,11 @@ def _fault_level(slots: list[SignalState]) -> Measure:
             return None
         value, valid = s.reading()
         level = FAULT_LEVELS.get(value) if isinstance(value, str) else None
-        if not valid or level is None or s.timestamp is None:
+        if not valid or level is None:
             return None
-        return Measurement(level, s.timestamp)
+        ts = s.timestamp
+        assert ts is not None  # fresh implies received
+        return Measurement(level, ts)
     return measure
 
 
@@ -280,7 +285,7 @@ def _pack_vs_cells(slots: list[SignalState]) -> Measure:
     def measure(now: float) -> Reading:
         p = inp.good(pack, now)
         readings = [inp.good(c, now) for c in cells]
-        if p is None or not cells or p[0] <= 0 or any(r is None for r in readings):
+        if p is None or p[0] <= 0 or any(r is None for r in readings):
             return None
         total = sum(r[0] for r in readings if r is not None)
         ts = max([p[1], *(r[1] for r in readings if r is not None)])

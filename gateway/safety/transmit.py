@@ -28,7 +28,7 @@ from gateway.config.profile import MessageSpec, Profile
 from gateway.config.safety import TransmitSpec
 from gateway.decode import BusPlan, frame_key
 from gateway.health import Counters, RateLimitedLog
-from gateway.safety.receive import checksum_byte
+from gateway.safety.receive import checksum_byte, message_signal
 
 BLOCK_ALERT_HOLD = 60.0
 """The ``tx.blocked`` alert clears this long after the last blocked frame."""
@@ -41,15 +41,14 @@ class FrameEncoder:
         self.message = message
         self._counter = spec.counter if spec else None
         self._modulus = 1
-        if self._counter is not None:
-            sig = next((s for s in message.signals if s.name == self._counter), None)
-            if sig is None:
-                raise ConfigError(str(profile.file), f"message {message.name} has no signal "
-                                  f"{self._counter!r}", key=f"messages.{message.name}.counter")
-            self._modulus = 1 << sig.length
-        self._checksum = spec.checksum if spec else None
-        self._index = checksum_byte(profile, spec, message) if spec and spec.checksum else 0
-        self._algorithm = checksum.algorithm(spec.checksum_algorithm) if spec else None
+        if spec is not None and spec.counter is not None:
+            self._modulus = 1 << message_signal(profile, spec, message, "counter",
+                                                spec.counter).length
+        self._index = 0
+        self._algorithm: checksum.Checksum | None = None
+        if spec is not None and spec.checksum is not None:
+            self._index = checksum_byte(profile, spec, message)
+            self._algorithm = checksum.algorithm(spec.checksum_algorithm)
         self.count = 0
 
     def encode(self, values: Mapping[str, float]) -> can.Message:
@@ -60,7 +59,7 @@ class FrameEncoder:
             signals[self._counter] = self.count
             self.count = (self.count + 1) % self._modulus
         data = bytearray(self.message.encode(signals, strict=True))
-        if self._checksum is not None and self._algorithm is not None:
+        if self._algorithm is not None:
             data[self._index] = self._algorithm(bytes(data), self._index, self.message.frame_id)
         return can.Message(arbitration_id=self.message.frame_id,
                            is_extended_id=self.message.is_extended_frame, data=bytes(data))
