@@ -64,6 +64,7 @@ class Mosquitto:
             "log_type error\nlog_type warning\nlog_type notice\n"
             # Let one client have a deep QoS 1 backlog: the outbox replays fast.
             "max_queued_messages 100000\n"
+            "set_tcp_nodelay true\n"
             f"{self.extra_config}\n"
         )
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.app import Pipeline, Publishing, Safety, run_until, stop_event
+from gateway.app import Commands, Pipeline, Publishing, Safety, run_until, stop_event
 from gateway.cli import view
 from gateway.cli.watch import split_broker
 from gateway.clock import Clock, SystemClock
@@ -42,6 +42,8 @@ def add_parser(sub: Any) -> None:
     pace.add_argument("--fast", action="store_true", help="replay as fast as possible")
     p.add_argument("--speed-cap", metavar="PROFILE",
                    help="select a speed-cap profile of the vehicle profile ('none' lifts it)")
+    p.add_argument("--keys", metavar="FILE",
+                   help="authorized keys for remote commands (overrides the settings)")
     p.add_argument("--view", action="store_true", help="live terminal view of the vehicle state")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.set_defaults(handler=run)
@@ -77,7 +79,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings | None:
     host, port = split_broker(args.broker) if args.broker else (None, None)
     try:
         settings = with_overrides(settings, host=host, port=port, vehicle_id=args.vehicle_id,
-                                  state_dir=Path(args.state_dir) if args.state_dir else None)
+                                  state_dir=Path(args.state_dir) if args.state_dir else None,
+                                  keys=Path(args.keys) if args.keys else None)
     except ValueError as exc:
         raise SystemExit(f"ev-gateway run: {exc}") from None
     if args.no_mqtt or not settings.mqtt.enabled:
@@ -110,14 +113,20 @@ def run(args: argparse.Namespace) -> int:
         except KeyError:
             raise SystemExit(f"ev-gateway run: no speed-cap profile {args.speed_cap!r}; "
                              f"profiles: {', '.join(safety.speed_cap.spec.profiles)}") from None
+    commands = Commands.build(pipeline, safety, state_dir)
     options = pipeline.bus_options(parse_overrides(args.bus))
-    return asyncio.run(_main(args, pipeline, safety, options, clock, settings))
+    return asyncio.run(_main(args, pipeline, safety, commands, options, clock, settings))
 
 
-async def _main(args: argparse.Namespace, pipeline: Pipeline, safety: Safety, options: Any,
-                clock: Clock, settings: Settings | None) -> int:
+async def _main(args: argparse.Namespace, pipeline: Pipeline, safety: Safety,
+                commands: Commands, options: Any, clock: Clock, settings: Settings | None
+                ) -> int:
     stop = stop_event(args.duration)
-    publishing = await Publishing.start(pipeline, settings) if settings else None
+    publishing = None
+    if settings is not None:
+        publishing = Publishing.build(pipeline, settings)
+        commands.serve(pipeline, safety, publishing, settings)
+        await publishing.launch()
     if args.replay:
         bus = args.replay_bus or pipeline.profile.buses[0].name
 
@@ -131,10 +140,12 @@ async def _main(args: argparse.Namespace, pipeline: Pipeline, safety: Safety, op
         safety.start()
     else:
         safety.start(pipeline.start_live(options))
+    await commands.start(clock, live=not args.replay)
     screen = LiveScreen(pipeline, clock) if args.view else None
     try:
         await run_until(stop, pipeline, screen.refresh if screen else None)
     finally:
+        await commands.stop()
         await safety.stop()
         if publishing is not None:
             await publishing.stop()

@@ -19,6 +19,7 @@ from typing import Any
 import can
 
 from gateway import checksum
+from gateway.config.commands import CommandsSpec, parse_commands
 from gateway.config.safety import SafetySpec, TransmitSpec, parse_safety, parse_transmit
 from gateway.config.toml_table import SourceMap, Table, read_toml
 
@@ -114,6 +115,7 @@ class Profile:
     source: SourceMap = field(repr=False, compare=False)
     safety: SafetySpec = field(default_factory=SafetySpec)
     transmit: tuple[TransmitSpec, ...] = ()
+    commands: CommandsSpec = field(default_factory=lambda: CommandsSpec({}, {}))
 
     def bus(self, name: str) -> BusSpec:
         """The bus called ``name``."""
@@ -134,7 +136,7 @@ def _parse(file: Path, data: dict[str, Any], source: SourceMap) -> Profile:
     name_ = str(file)
     top = Table(data, name_, source, "", 0, "profile")
     top.check_keys(["vehicle", "defaults", "bus", "messages", "signal", "signal_group",
-                    "safety", "transmit"])
+                    "safety", "transmit", "commands"])
 
     vehicle = top.sub("vehicle", "vehicle", "vehicle")
     if vehicle is None:
@@ -174,6 +176,7 @@ def _parse(file: Path, data: dict[str, Any], source: SourceMap) -> Profile:
         source=source,
         safety=parse_safety(top, chemistry),
         transmit=parse_transmit(_array(top, "transmit", required=False), bus_names),
+        commands=parse_commands(top),
     )
 
 

@@ -24,7 +24,7 @@ from gateway.mqtt.topics import valid_topic_prefix, valid_vehicle_id
 
 MqttProtocol = Literal["auto", "5", "3.1.1"]
 _PROTOCOLS: dict[str, MqttProtocol] = {"auto": "auto", "5": "5", "3.1.1": "3.1.1"}
-_SECTIONS = ("gateway", "mqtt", "telemetry", "outbox", "homeassistant")
+_SECTIONS = ("gateway", "mqtt", "telemetry", "outbox", "homeassistant", "commands")
 _MODE_INTERVALS = {"drive": 1.0, "charge": 10.0, "park": 60.0}
 _VEHICLE_ID_RULE = "expected 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
 DEFAULT_STATE_DIR = Path("/var/lib/ev-gateway")
@@ -136,6 +136,20 @@ class HomeAssistantSettings:
 
 
 @dataclass(frozen=True)
+class CommandSettings:
+    """Remote commands (docs/commands.md); off while ``keys`` is None."""
+
+    keys: Path | None
+    gateway_key: Path | None
+    """None: ``gateway.key`` in the state directory, created on first start."""
+    clock_skew_s: float = 10.0
+    max_lifetime_s: float = 120.0
+    rate_per_minute: float = 20.0
+    burst: int = 5
+    retention_h: float = 24.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """A validated settings file (``file`` is None when built from defaults)."""
 
@@ -147,11 +161,17 @@ class Settings:
     outbox: OutboxSettings
     homeassistant: HomeAssistantSettings
     file: str | None
+    commands: CommandSettings = field(default_factory=lambda: CommandSettings(None, None))
 
     @property
     def outbox_path(self) -> Path:
         """The SQLite file of the outbox."""
         return self.state_dir / "outbox.sqlite"
+
+    @property
+    def gateway_key_path(self) -> Path:
+        """The gateway's result-signing key."""
+        return self.commands.gateway_key or self.state_dir / "gateway.key"
 
 
 def load_settings(path: str | Path) -> Settings:
@@ -187,6 +207,7 @@ def default_settings(vehicle_id: str, profile: Path, state_dir: Path) -> Setting
 def with_overrides(
     settings: Settings, *, host: str | None = None, port: int | None = None,
     vehicle_id: str | None = None, state_dir: Path | None = None, enabled: bool | None = None,
+    keys: Path | None = None,
 ) -> Settings:
     """``settings`` with command-line overrides applied; ValueError for a bad value.
 
@@ -211,8 +232,14 @@ def with_overrides(
         mqtt = replace(mqtt, port=port)
     if enabled is not None:
         mqtt = replace(mqtt, enabled=enabled)
+    commands = settings.commands
+    if keys is not None:
+        if not Path(keys).is_file():
+            raise ValueError(f"authorized keys: file not found: {keys}")
+        commands = replace(commands, keys=Path(keys).resolve())
     return replace(
         settings, vehicle_id=vehicle_id or settings.vehicle_id, mqtt=mqtt, homeassistant=ha,
+        commands=commands,
         state_dir=settings.state_dir if state_dir is None else Path(state_dir),
     )
 
@@ -254,6 +281,7 @@ def _assemble(
         outbox=_outbox(sections["outbox"]),
         homeassistant=_homeassistant(sections["homeassistant"], vehicle_id),
         file=file,
+        commands=_commands(sections["commands"], base),
     )
 
 
@@ -365,6 +393,26 @@ def _outbox(t: Table) -> OutboxSettings:
     return OutboxSettings(
         max_bytes=math.ceil(_positive(t, "max_mb", 64.0) * 1024 * 1024),
         max_backfill_age=_positive(t, "max_backfill_age_h", 168.0) * 3600.0,
+    )
+
+
+def _commands(t: Table, base: Path) -> CommandSettings:
+    t.check_keys(["keys", "gateway_key", "clock_skew_s", "max_lifetime_s", "rate_per_minute",
+                  "burst", "retention_h"])
+    skew = _positive(t, "clock_skew_s", 10.0, allow_zero=True)
+    if skew > 300:
+        t.fail("clock_skew_s", f"expected at most 300 seconds, got {skew:g}")
+    lifetime = _positive(t, "max_lifetime_s", 120.0)
+    if lifetime > 3600:
+        t.fail("max_lifetime_s", f"expected at most 3600 seconds, got {lifetime:g}")
+    return CommandSettings(
+        keys=_path(t, "keys", base, must_exist=True),
+        gateway_key=_path(t, "gateway_key", base),
+        clock_skew_s=skew,
+        max_lifetime_s=lifetime,
+        rate_per_minute=_positive(t, "rate_per_minute", 20.0),
+        burst=_int_range(t, "burst", 5, 1, 1000),
+        retention_h=_positive(t, "retention_h", 24.0),
     )
 
 

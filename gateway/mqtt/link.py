@@ -42,6 +42,8 @@ from gateway.outbox import Outbox, OutboxError
 
 log = logging.getLogger("gateway.mqtt")
 
+CommandHandler = Callable[[bytes, bool, str | None, bytes | None], None]
+
 PUBACK_TIMEOUT = 15.0
 """A QoS 1 publish not acknowledged by then means the link is dead (half-open TCP)."""
 CONNECT_TIMEOUT = 10.0
@@ -51,6 +53,8 @@ STABLE_AFTER = 10.0
 """A connection that lasted this long resets the backoff."""
 LIVE_QUEUE = 1000
 """Bound on messages paho may hold unsent; more live telemetry is dropped and counted."""
+RESULT_EXPIRY = 300
+"""Seconds a command result may wait in an offline requester's session (MQTT 5)."""
 _UNSUPPORTED_PROTOCOL = (1, 132)  # 3.1.1 CONNACK code / MQTT 5 reason code
 
 
@@ -95,6 +99,8 @@ class Link:
         self._version = version
         self._profile = profile
         self.on_connect = on_connect
+        self.on_command: CommandHandler | None = None
+        """Called with (payload, retain, response topic, correlation data) per command."""
         self._rng = rng or random.Random()
         self._drain_batch = drain_batch
         self._protocol = (aiomqtt.ProtocolVersion.V311 if settings.protocol == "3.1.1"
@@ -208,6 +214,14 @@ class Link:
             await client.subscribe([(t, options) for t in self.topics.owned_retained()])
         else:
             await client.subscribe([(t, 1) for t in self.topics.owned_retained()])
+        if self.on_command is not None:
+            # retainAsPublished: a command published with the retain flag must arrive with
+            # it, so it can be refused (MQTT 3.1.1 only flags stored retained messages).
+            if self._protocol is aiomqtt.ProtocolVersion.V5:
+                await client.subscribe(self.topics.command_request, options=SubscribeOptions(
+                    qos=1, noLocal=True, retainAsPublished=True))
+            else:
+                await client.subscribe(self.topics.command_request, qos=1)
         if self.on_connect is not None:
             self.on_connect()
         tasks = [asyncio.create_task(self._drain(client), name="mqtt-drain"),
@@ -252,12 +266,49 @@ class Link:
                 raise failure
 
     async def _listen(self, client: aiomqtt.Client) -> None:
-        """Watch the owned topics; put back what a stranger overwrote."""
+        """Hand commands over; watch the owned topics and put back what a stranger overwrote."""
         async for message in client.messages:
             payload = message.payload if isinstance(message.payload, bytes) else b""
+            if str(message.topic) == self.topics.command_request:
+                await self._command(client, message, payload)
+                continue
             fix = self.ownership.check(str(message.topic), payload, self._clock.monotonic())
             if fix is not None:
                 await client.publish(fix.topic, fix.payload, qos=1, retain=True)
+
+    async def _command(self, client: aiomqtt.Client, message: aiomqtt.Message,
+                       payload: bytes) -> None:
+        if message.retain and payload:
+            # Nobody may keep a command on the broker: it would run on every reconnect.
+            await client.publish(self.topics.command_request, b"", qos=1, retain=True)
+        if self.on_command is None:
+            return
+        props = message.properties
+        response = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        self.on_command(payload, bool(message.retain), response,
+                        bytes(correlation) if correlation is not None else None)
+
+    async def publish_result(self, topics: list[str], payload: bytes,
+                             correlation: bytes | None) -> bool:
+        """Publish a command result (QoS 1, not retained) to each of ``topics``; False if
+        not connected or the broker did not take it. MQTT 5 adds the correlation data
+        and lets the result expire from offline sessions after RESULT_EXPIRY seconds."""
+        client = self._client
+        if client is None or not self.connected:
+            return False
+        props = None
+        if self._protocol is aiomqtt.ProtocolVersion.V5:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.MessageExpiryInterval = RESULT_EXPIRY
+            if correlation is not None:
+                props.CorrelationData = correlation
+        try:
+            await asyncio.gather(*(client.publish(t, payload, qos=1, properties=props,
+                                                  timeout=PUBACK_TIMEOUT) for t in topics))
+        except aiomqtt.MqttError:
+            return False
+        return True
 
     async def publish_live(self, topic: str, payload: bytes) -> bool:
         """Publish QoS 0 now if connected; False (counted) when it could not be sent."""

@@ -81,9 +81,24 @@ class Topics:
         return f"{self.base}/events"
 
     @property
-    def commands(self) -> str:
-        """Subscription filter reserved for remote commands."""
-        return f"{self.base}/cmd/#"
+    def command_request(self) -> str:
+        """Where signed commands arrive (docs/commands.md)."""
+        return f"{self.base}/cmd/req"
+
+    def command_result(self, command_id: str) -> str:
+        """Where the results of one command are published (for MQTT 3.1.1 clients)."""
+        return f"{self.base}/cmd/res/{command_id}"
+
+    def valid_response_topic(self, topic: str) -> bool:
+        """Whether the gateway may answer on a requester's MQTT 5 response topic.
+
+        Plain topic levels only, and nothing in the ``evgw/v1`` tree but this
+        vehicle's ``cmd/res/``: a requester must not make the gateway publish
+        over another vehicle's topics or its own telemetry.
+        """
+        if not valid_topic_prefix(topic) or len(topic.encode()) > 1024:
+            return False
+        return not topic.startswith(f"{PREFIX}/") or topic.startswith(f"{self.base}/cmd/res/")
 
     def owned_retained(self) -> list[str]:
         """Retained topics only this gateway may publish; anything else there is foreign."""

@@ -15,15 +15,14 @@ keep sending. Two checks raise alerts:
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 from gateway.alerts import AlertBook, Severity
 from gateway.clock import Clock
 from gateway.config.limits import LimitSpec
 from gateway.config.safety import SpeedCapSpec
+from gateway.persist import load_json, save_json
 from gateway.safety import inputs as inp
 from gateway.safety.inputs import SPEED
 from gateway.safety.levels import NOT_APPLICABLE, LevelMachine, Measurement
@@ -34,6 +33,14 @@ log = logging.getLogger(__name__)
 
 OVERSPEED = "speedcap.overspeed"
 NOT_APPLIED = "speedcap.not_applied"
+
+
+def reports(value: object, cap: float | None) -> bool:
+    """Whether a controller report ``value`` says ``cap`` is in force (None: no cap)."""
+    reported = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if cap is None:
+        return reported is None
+    return reported is not None and abs(reported - cap) < 0.5
 
 
 class SpeedCap:
@@ -126,10 +133,7 @@ class SpeedCap:
             return None
         ts = slot.timestamp
         assert ts is not None  # not stale implies received
-        reported = value if isinstance(value, int | float) and not isinstance(value, bool) \
-            else None
-        ok = reported is None if cap is None else reported is not None and \
-            abs(reported - cap) < 0.5
+        ok = reports(value, cap)
         # A report from before the selection says nothing about the new cap: confirm_s
         # counts from the selection at the earliest.
         since = ts if self._selected_at is None else max(ts, self._selected_at)
@@ -162,7 +166,7 @@ class SpeedCap:
         if self._state_file is None or not self._state_file.exists():
             return default
         try:
-            name = json.loads(self._state_file.read_text())["profile"]
+            name = load_json(self._state_file)["profile"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.error("speed cap: cannot read %s (%s); using %s", self._state_file, exc,
                       default or "no cap")
@@ -174,11 +178,5 @@ class SpeedCap:
         return name
 
     def _save(self) -> None:
-        if self._state_file is None:
-            return
-        tmp = self._state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"profile": self.active}))
-        # Atomic replace after fsync: a power cut leaves the old or the new choice, never none.
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self._state_file)
+        if self._state_file is not None:
+            save_json(self._state_file, {"profile": self.active})

@@ -32,6 +32,8 @@ Signals = dict[str, Any]
 
 SPEED_CAP_TIMEOUT_S = 0.5
 """The MCU drops a cap whose GW_SpeedLimit frames stopped this long ago (DBC comment)."""
+CHARGE_LIMIT_TIMEOUT_S = 5.0
+"""The BMS falls back to 100 % this long after the last GW_ChargeControl (DBC comment)."""
 BAD_CHECKSUM_XOR = 0x5A
 """What a corrupted checksum byte is xor-ed with: never zero, so it is always wrong."""
 
@@ -72,8 +74,11 @@ class VehicleEcus:
         self.bad_checksum: set[str] = set()
         # A motor controller that takes GW_SpeedLimit frames but never applies or reports a cap.
         self.ignore_speed_cap = False
+        # A body controller that keeps reporting its status but never acts on commands.
+        self.ignore_body_commands = False
         # model.t of the GW_SpeedLimit frame the current cap came from; None if not from one.
         self._cap_heard_at: float | None = None
+        self._limit_heard_at: float | None = None
         self._cells_key: tuple[float, float, float] | None = None
         self._cells_now: list[float] = []
         self.received: list[can.Message] = []
@@ -112,6 +117,7 @@ class VehicleEcus:
     def due_frames(self, now: float) -> list[can.Message]:
         """Frames whose cycle falls due at or before ``now`` (simulation seconds)."""
         self._expire_speed_cap()
+        self._expire_charge_limit()
         out = []
         for c in self._cyclic:
             while c.next_due <= now:
@@ -166,8 +172,17 @@ class VehicleEcus:
         m = self.model
         if name == "GW_BodyCommand":
             seq = int(v["GW_CommandSeq"])
-            if seq != m.cmd_ack_seq and v["GW_LockRequest"] in (1, 2):
+            # The BCM acts once per new sequence value: a repeated frame is ignored.
+            if self.ignore_body_commands or seq == m.cmd_ack_seq:
+                return
+            if v["GW_LockRequest"] in (1, 2):
                 m.command_lock(v["GW_LockRequest"] == 1, seq)
+            elif v["GW_LocateRequest"] in (1, 2, 3):
+                m.command_locate(int(v["GW_LocateRequest"]), seq)
+            else:
+                return
+            # Besides its 100 ms cycle, the BCM reports a change at once.
+            self._send_now("BCM_Status")
         elif name == "GW_SpeedLimit":
             if self.ignore_speed_cap:
                 return
@@ -176,6 +191,18 @@ class VehicleEcus:
             self._cap_heard_at = m.t
         elif name == "GW_ChargeControl":
             m.charge_limit = int(v["GW_ChargeLimitSoc"])
+            self._limit_heard_at = m.t
+
+    def _send_now(self, name: str) -> None:
+        for c in self._cyclic:
+            if c.message.name == name:
+                c.next_due = min(c.next_due, self.model.t)
+
+    def _expire_charge_limit(self) -> None:
+        heard = self._limit_heard_at
+        if heard is not None and self.model.t - heard >= CHARGE_LIMIT_TIMEOUT_S:
+            self.model.charge_limit = 100
+            self._limit_heard_at = None
 
     def _expire_speed_cap(self) -> None:
         # Only a cap taken from GW_SpeedLimit expires; one set on the model directly stands

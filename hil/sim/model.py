@@ -94,6 +94,8 @@ class VehicleModel:
     locks: list[int] = field(default_factory=lambda: [1, 1, 1])
     last_lock_source: int = 0
     cmd_ack_seq: int = 0
+    locate_requests: list[int] = field(default_factory=list)
+    """GW_LocateRequest values the body controller carried out (1 flash, 2 horn, 3 both)."""
     aux_12v: float = 13.2
     pack_temp_c: float = 0.0
     motor_temp_c: float = 0.0
@@ -155,6 +157,11 @@ class VehicleModel:
         """Body controller executing a gateway lock/unlock request."""
         self.locks = [1 if lock else 0] * 3
         self.last_lock_source = 3
+        self.cmd_ack_seq = seq
+
+    def command_locate(self, request: int, seq: int) -> None:
+        """Body controller flashing the lights and/or sounding the horn."""
+        self.locate_requests.append(request)
         self.cmd_ack_seq = seq
 
     # ---- time ---------------------------------------------------------------
