@@ -17,9 +17,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.app import Pipeline, Publishing, Safety, run_until, stop_event
+from gateway.app import Commands, Pipeline, Publishing, Safety, run_until, stop_event
 from gateway.cli.watch import watch
 from gateway.clock import SystemClock
+from gateway.commands.keys import generate_private_key, key_entry
 from gateway.config import ConfigError, load_profile
 from gateway.config.settings import default_settings, with_overrides
 from hil.broker import INSTALL_HINT, Mosquitto, find_mosquitto
@@ -56,28 +57,47 @@ async def _demo(args: argparse.Namespace) -> int:
     stop = stop_event(args.duration)
     with tempfile.TemporaryDirectory(prefix="ev-gateway-demo-") as tmp, \
             Mosquitto(Path(tmp) / "broker") as broker:
+        keys = _demo_keys(Path(tmp))
         settings = with_overrides(
             default_settings(DEMO_VEHICLE, Path(args.profile), Path(tmp) / "state"),
-            host=broker.host, port=broker.port)
+            host=broker.host, port=broker.port, keys=keys)
         safety = Safety.build(pipeline)
         if args.speed_cap and safety.speed_cap is not None:
             safety.speed_cap.select(args.speed_cap)
-        publishing = await Publishing.start(pipeline, settings)
+        commands = Commands.build(pipeline, safety, settings.state_dir)
+        publishing = Publishing.build(pipeline, settings)
+        commands.serve(pipeline, safety, publishing, settings)
+        await publishing.launch()
+        cli = Path(sys.executable).parent / "ev-gateway"
+        print(f"hil demo: send a signed command from another terminal:\n  {cli} command "
+              f"lock --vehicle {DEMO_VEHICLE} --key {Path(tmp) / 'owner.key'} --broker "
+              f"{broker.host}:{broker.port} --gateway-key {settings.gateway_key_path}.pub",
+              file=sys.stderr)
         sim_bus = open_sim_bus("virtual", channel)
         ecus = VehicleEcus(VehicleModel(mode=args.mode, soc=args.soc))
         sim = asyncio.create_task(run_vehicle(sim_bus, ecus, clock, stop))
         safety.start(pipeline.start_live(options))
+        await commands.start(clock, live=True)
         viewer = asyncio.create_task(watch(broker.host, broker.port, DEMO_VEHICLE, stop))
         try:
             await run_until(stop, pipeline)
         finally:
             stop.set()
+            await commands.stop()
             await safety.stop()
             await publishing.stop()
             await viewer
             await sim
             close_quietly(sim_bus)
     return 0
+
+
+def _demo_keys(workdir: Path) -> Path:
+    """An owner key for the demo and the authorized-keys file that lists it."""
+    owner = generate_private_key(workdir / "owner.key")
+    keys = workdir / "keys.toml"
+    keys.write_text(key_entry("demo owner", "owner", owner.public_key()))
+    return keys
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -358,6 +358,7 @@ def _uncommented_example(directory: Path) -> Path:
     for name in ("ca.crt", "client.crt", "client.key"):
         (directory / name).write_text("x\n")
     (directory / "mqtt-password").write_text("pw\n")
+    (directory / "keys.toml").write_text("# no keys yet\n")
     return _write(directory, text.replace('username = ""', 'username = "u"'), "example.toml")
 
 
@@ -381,4 +382,5 @@ def test_commented_keys_in_the_example_are_valid_and_documented(tmp_path):
             else:
                 keys.append(name)
                 assert f"| `{key}` |" in docs, f"{name} is not documented"
-    assert len(keys) == 28, "every key the loader accepts is in the example"
+    assert s.commands.keys == tmp_path / "keys.toml"
+    assert len(keys) == 35, "every key the loader accepts is in the example"

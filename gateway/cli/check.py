@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gateway.app import Pipeline, Safety
+from gateway.app import Commands, Pipeline, Safety
 from gateway.clock import SystemClock
+from gateway.commands.outcome import STATIONARY_ONLY
+from gateway.commands.pulse import Pulse
+from gateway.commands.setpoint import Setpoint
 from gateway.config import load_profile
 from gateway.config.limits import LimitSpec
 
@@ -23,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     pipeline = Pipeline.build(profile, SystemClock())
     safety = Safety.build(pipeline)
+    commands = Commands.build(pipeline, safety, None)
     store, plans = pipeline.store, pipeline.plans
     print(f"profile {profile.name}: {profile.description}")
     print(f"  file: {profile.file}")
@@ -53,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         ignored = len(plan.messages) - len(plan.mapped)
         print(f"  {len(plan.mapped)} messages mapped, {ignored} in the DBCs but not mapped")
     _print_safety(profile.safety.limits, safety)
+    _print_commands(commands)
     print(f"ok: {len(store)} canonical signals")
     return 0
 
@@ -81,3 +86,24 @@ def _print_safety(limits: dict[str, LimitSpec], safety: Safety) -> None:
         print(f"speed cap via {cap.message}: {caps}")
     for spec_t in safety.guard.allow_list():
         print(f"transmit allowed: {spec_t}")
+
+
+def _print_commands(commands: Commands) -> None:
+    print(f"remote commands: {', '.join(commands.actions)}")
+    for name, action in commands.actions.items():
+        how = "no frame"
+        if isinstance(action, Pulse):
+            spec = action.spec
+            confirm = f"ack {spec.ack}" if spec.ack else ""
+            if spec.confirm:
+                confirm += (", " if confirm else "") + ", ".join(
+                    f"{path} = {value}" for path, value in spec.confirm.items())
+            how = f"{spec.message}, confirmed by {confirm} within {spec.timeout_s:g} s"
+        elif isinstance(action, Setpoint):
+            sp = action.spec
+            how = (f"{sp.message}.{sp.signal} {sp.minimum:g}-{sp.maximum:g}, kept on the bus, "
+                   f"confirmed by {sp.report} within {sp.timeout_s:g} s")
+        elif name == "speed-profile":
+            how = "the speed cap above"
+        lock = "; only at a proven standstill" if name in STATIONARY_ONLY else ""
+        print(f"  {name}: {how}{lock}")

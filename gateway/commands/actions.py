@@ -50,6 +50,12 @@ def build_actions(profile: Profile, guard: TransmitGuard, store: StateStore, clo
     setpoints: list[Setpoint] = []
     locks: dict[str, asyncio.Lock] = {}
     default_bus = profile.buses[0].name
+    buses = {b.name for b in profile.buses}
+    for name, cmd in (*spec.pulses.items(), *spec.setpoints.items()):
+        if cmd.bus is not None and cmd.bus not in buses:
+            raise ConfigError(str(profile.file), f"no bus named {cmd.bus!r}; buses: "
+                              f"{', '.join(sorted(buses))}", line=cmd.line,
+                              key=f"commands.{name}.bus")
     for name, pulse in spec.pulses.items():
         bus = pulse.bus or default_bus
         lock = locks.setdefault(f"{bus}/{pulse.message}", asyncio.Lock())

@@ -122,7 +122,7 @@ def unwrap(payload: bytes) -> SignedPayload:
     outer = _json_object(payload, "payload")
     if set(outer) != {"v", "body", "sig"}:
         raise Malformed("expected exactly the keys v, body and sig")
-    if outer["v"] != FORMAT_VERSION or isinstance(outer["v"], bool):
+    if type(outer["v"]) is not int or outer["v"] != FORMAT_VERSION:
         raise Malformed(f"unsupported format version {outer['v']!r}; expected 1")
     if not isinstance(outer["body"], str) or not isinstance(outer["sig"], str):
         raise Malformed("body and sig must be base64url strings")

@@ -113,7 +113,7 @@ def load_keyring(path: Path) -> KeyRing:
                                    f"commands: {', '.join(COMMANDS)}")
             roles[role] = tuple(allowed)
     raw_keys = data.get("key", [])
-    if not isinstance(raw_keys, list):
+    if not isinstance(raw_keys, list) or not all(isinstance(k, dict) for k in raw_keys):
         top.fail("key", "expected [[key]] tables")
     keys: dict[str, AuthorizedKey] = {}
     for index, entry in enumerate(raw_keys):
@@ -223,4 +223,7 @@ def key_entry(name: str, role: str, key: Ed25519PublicKey) -> str:
 
 
 def _toml_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')
+    # A TOML basic string: backslash, quote and every control character escaped, so any
+    # name keeps the file valid (a broken file would freeze the keys in force).
+    return "".join(f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F
+                   else "\\" + c if c in '"\\' else c for c in text)

@@ -74,11 +74,19 @@ class ReplayStore:
             except sqlite3.DatabaseError as exc:
                 if isinstance(exc, sqlite3.OperationalError):
                     raise
-                self.moved_aside = self.path.with_name(f"{self.path.name}.corrupt-{int(now)}")
+                self.moved_aside = self._aside(now)
                 self.path.rename(self.moved_aside)
                 self._conn = self._connect(now)
         except (OSError, sqlite3.Error) as exc:
             raise ReplayCacheError(f"replay cache {self.path}: {exc}") from None
+
+    def _aside(self, now: float) -> Path:
+        """A name for a corrupt file that keeps every earlier one."""
+        n = 0
+        while (target := self.path.with_name(
+                f"{self.path.name}.corrupt-{int(now)}{f'-{n}' if n else ''}")).exists():
+            n += 1
+        return target
 
     def _connect(self, now: float) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.config.errors import ConfigError
 from gateway.config.toml_table import Table
 
 PULSES = ("lock", "unlock", "locate")
@@ -75,7 +76,14 @@ def parse_commands(top: Table) -> CommandsSpec:
     t = top.sub("commands", "commands", "commands")
     if t is None:
         return CommandsSpec({}, {})
-    t.check_keys(CONFIGURABLE)
+    for name in t.data:
+        if name not in CONFIGURABLE:
+            # Written as [commands.NAME] without a [commands] header: point at that header.
+            line = t.source.header_line(f"commands.{name}")
+            problem = f"unknown key; expected one of: {', '.join(sorted(CONFIGURABLE))}"
+            if line is None:
+                t.fail(name, problem)
+            raise ConfigError(t.file, problem, line=line, key=f"commands.{name}")
     pulses: dict[str, PulseSpec] = {}
     setpoints: dict[str, SetpointSpec] = {}
     timeout = 2.0

@@ -100,7 +100,7 @@ class Table:
         """Raise a ConfigError located at ``key`` in this table."""
         line = self.source.key_line(self.table, self.index, key) if key else self.line
         line = line or self.anchor
-        full_key = f"{self.label}.{key}" if key else self.label
+        full_key = (f"{self.label}.{key}" if self.label else key) if key else self.label
         raise ConfigError(self.file, message, line=line, key=full_key)
 
     def check_keys(self, allowed: Iterable[str]) -> None:
