@@ -5,7 +5,8 @@ Sub-commands:
 - ``run``: the daemon (live buses, or a log replay), optionally with a live view;
 - ``decode``: print the frames of a log as JSON lines;
 - ``check``: validate a profile and its DBCs and show what it maps;
-- ``watch``: follow a vehicle over MQTT, as a fleet operator would.
+- ``watch``: follow a vehicle over MQTT, as a fleet operator would;
+- ``keys`` / ``command``: keys of remote commands, and sending one signed command.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from gateway.config import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
-    from gateway.cli import check, decode, run, watch
+    from gateway.cli import check, command, decode, keys, run, watch
 
     parser = argparse.ArgumentParser(
         prog="ev-gateway", description="Companion gateway for micro electric cars."
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_parser(sub)
     check.add_parser(sub)
     watch.add_parser(sub)
+    keys.add_parser(sub)
+    command.add_parser(sub)
     return parser
 
 

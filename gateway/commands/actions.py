@@ -10,6 +10,7 @@ from gateway.clock import Clock
 from gateway.commands.outcome import Action, Confirmations, Outcome, bad_arguments, rejected
 from gateway.commands.pulse import Pulse
 from gateway.commands.setpoint import Setpoint, SpeedProfile
+from gateway.config.commands import PulseSpec, SetpointSpec
 from gateway.config.errors import ConfigError
 from gateway.config.profile import Profile
 from gateway.safety import SafetyMonitor, SpeedCap, TransmitGuard
@@ -51,7 +52,9 @@ def build_actions(profile: Profile, guard: TransmitGuard, store: StateStore, clo
     locks: dict[str, asyncio.Lock] = {}
     default_bus = profile.buses[0].name
     buses = {b.name for b in profile.buses}
-    for name, cmd in (*spec.pulses.items(), *spec.setpoints.items()):
+    placed: list[tuple[str, PulseSpec | SetpointSpec]] = [*spec.pulses.items(),
+                                                          *spec.setpoints.items()]
+    for name, cmd in placed:
         if cmd.bus is not None and cmd.bus not in buses:
             raise ConfigError(str(profile.file), f"no bus named {cmd.bus!r}; buses: "
                               f"{', '.join(sorted(buses))}", line=cmd.line,
