@@ -201,6 +201,15 @@ class Link:
 
     async def _session(self, client: aiomqtt.Client, birth: bytes) -> None:
         """One connection's life: birth, subscriptions, hook, then drain and listen."""
+        if self.on_command is not None:
+            # Before the birth: once the car shows online, a command sent to it is heard.
+            # retainAsPublished: a command published with the retain flag must arrive with
+            # it, so it can be refused (MQTT 3.1.1 only flags stored retained messages).
+            if self._protocol is aiomqtt.ProtocolVersion.V5:
+                await client.subscribe(self.topics.command_request, options=SubscribeOptions(
+                    qos=1, noLocal=True, retainAsPublished=True))
+            else:
+                await client.subscribe(self.topics.command_request, qos=1)
         await client.publish(self.topics.status, birth, qos=1, retain=True,
                              timeout=PUBACK_TIMEOUT)
         self.ownership.sent(self.topics.status, birth)
@@ -214,14 +223,6 @@ class Link:
             await client.subscribe([(t, options) for t in self.topics.owned_retained()])
         else:
             await client.subscribe([(t, 1) for t in self.topics.owned_retained()])
-        if self.on_command is not None:
-            # retainAsPublished: a command published with the retain flag must arrive with
-            # it, so it can be refused (MQTT 3.1.1 only flags stored retained messages).
-            if self._protocol is aiomqtt.ProtocolVersion.V5:
-                await client.subscribe(self.topics.command_request, options=SubscribeOptions(
-                    qos=1, noLocal=True, retainAsPublished=True))
-            else:
-                await client.subscribe(self.topics.command_request, qos=1)
         if self.on_connect is not None:
             self.on_connect()
         tasks = [asyncio.create_task(self._drain(client), name="mqtt-drain"),
