@@ -185,9 +185,9 @@ class CommandService:
             return rejected("unknown_key", kid=command.kid)
         if not env.verify(key.key, env.COMMAND_CONTEXT, signed):
             return rejected("bad_signature")
+        ctx.key, ctx.command = key, command
         if command.vehicle != self.topics.vehicle_id:
             return rejected("wrong_vehicle", vehicle=command.vehicle)
-        ctx.key, ctx.command = key, command
         ctx.digest = hashlib.sha256(signed.body).digest()
         known = await self.cache.lookup(command.id)
         if known is not None:

@@ -41,9 +41,13 @@ ARGUMENT = {"charge-limit": "soc"}
 
 async def _confirm(send: Callable[[], bool], report: SignalState,
                    matches: Callable[[], bool], confirmations: Confirmations,
-                   timeout: float) -> Outcome:
-    """Send, wait for a fresh matching report, retry once."""
+                   timeout: float, interlock: Callable[[], Outcome | None]) -> Outcome:
+    """Send, wait for a fresh matching report, retry once; the interlock holds before
+    each frame (the value stays requested if it no longer does)."""
     for attempt in (1, 2):
+        refusal = interlock()
+        if refusal is not None:
+            return refusal
         before = report.timestamp
         if not send():
             return Outcome("failed", "transmit_failed", {"attempts": attempt})
@@ -114,7 +118,7 @@ class Setpoint:
         self._save()
         return await _confirm(self.send, self._report,
                               lambda: self._report.reading()[0] == value,
-                              self._confirmations, self.spec.timeout_s)
+                              self._confirmations, self.spec.timeout_s, interlock)
 
     def send(self) -> bool:
         """Send the current value once (nothing to send before one was set)."""
@@ -182,4 +186,4 @@ class SpeedProfile:
         cap = self._cap.cap_kmh
         return await _confirm(self._cap.send, self._report,
                               lambda: reports(self._report.reading()[0], cap),
-                              self._confirmations, self._timeout)
+                              self._confirmations, self._timeout, interlock)
