@@ -229,7 +229,7 @@ async def measure(work: Path, n: int, period: float) -> Figures:
     """N interleaved rounds against one broker; see the module docstring."""
     owner = generate_private_key(work / "owner.key")
     fig = Figures()
-    with Mosquitto(work / "broker") as broker:
+    with Mosquitto(work / "broker", nodelay=True) as broker:
         async with gateway(work, broker, owner) as (gw_key, safety, ecus), \
                 aiomqtt.Client(broker.host, broker.port, protocol=V5,
                                socket_options=NODELAY) as app, \

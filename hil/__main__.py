@@ -56,7 +56,7 @@ async def _demo(args: argparse.Namespace) -> int:
     options = pipeline.bus_options({profile.buses[0].name: f"virtual:{channel}"})
     stop = stop_event(args.duration)
     with tempfile.TemporaryDirectory(prefix="ev-gateway-demo-") as tmp, \
-            Mosquitto(Path(tmp) / "broker") as broker:
+            Mosquitto(Path(tmp) / "broker", nodelay=True) as broker:
         keys = _demo_keys(Path(tmp))
         settings = with_overrides(
             default_settings(DEMO_VEHICLE, Path(args.profile), Path(tmp) / "state"),

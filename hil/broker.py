@@ -40,7 +40,10 @@ def free_port() -> int:
 class Mosquitto:
     """One mosquitto process on 127.0.0.1 with a generated config."""
 
-    def __init__(self, workdir: Path, port: int | None = None, extra_config: str = "") -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra_config: str = "",
+                 nodelay: bool = False) -> None:
+        """``nodelay`` turns Nagle off on the broker's sockets (latency benchmarks); off by
+        default, as in mosquitto."""
         binary = find_mosquitto()
         if binary is None:
             raise RuntimeError(INSTALL_HINT)
@@ -49,6 +52,7 @@ class Mosquitto:
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.extra_config = extra_config
+        self.nodelay = nodelay
         self.process: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = workdir / "mosquitto.conf"
@@ -64,7 +68,7 @@ class Mosquitto:
             "log_type error\nlog_type warning\nlog_type notice\n"
             # Let one client have a deep QoS 1 backlog: the outbox replays fast.
             "max_queued_messages 100000\n"
-            "set_tcp_nodelay true\n"
+            f"{'set_tcp_nodelay true' if self.nodelay else ''}\n"
             f"{self.extra_config}\n"
         )
 

@@ -4,19 +4,32 @@ and payloads, and the schemas reject payloads that break it."""
 from __future__ import annotations
 
 import copy
+import inspect
+import json
 import re
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jsonschema import Draft202012Validator, ValidationError
 
 from gateway.alerts.model import Alert, Severity
+from gateway.commands import envelope as cmd_env
 from gateway.decode import load_dbc
 from gateway.mqtt import payloads as p
+from gateway.mqtt.link import RESULT_EXPIRY
 from gateway.mqtt.topics import GROUPS, Topics
 from gateway.state import SignalView
 from tests.conftest import DBC, ROOT, frame
-from tests.contract import asyncapi, delivery, deref, schema_name_for, schemas, validate
+from tests.contract import (
+    asyncapi,
+    delivery,
+    deref,
+    schema_name_for,
+    schemas,
+    validate,
+    validator,
+)
 
 DOC = asyncapi()
 DOCS = ROOT / "docs"
@@ -37,8 +50,27 @@ ALERT = Alert("bms.cell_overvoltage", Severity.CRITICAL, "Cell voltage high", NO
               signal=f"{TB}.CellVoltage.Max", value=3.71, limit=3.65, source_ts=NOW - 0.01)
 
 
+COMMAND_SCHEMAS = {"commandRequest": "command-request.json",
+                   "commandResult": "command-result.json",
+                   "commandResponse": "command-result.json"}
+"""Command channels carry signed wrappers; tests/contract.py validates the enveloped topics."""
+BODY_SCHEMAS = {"command-request.json": "command-body.json",
+                "command-result.json": "command-result-body.json"}
+SENDER = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+GATEWAY = Ed25519PrivateKey.from_private_bytes(bytes(range(32, 64)))
+
+
 def _placeholder_address(topic: str) -> str:
     return topic.replace(PLACEHOLDER, "{vehicle_id}")
+
+
+def validate_signed(wrapper: str, payload: bytes) -> dict[str, Any]:
+    """Check a command or result payload against its wrapper schema and its decoded body
+    against the body schema; returns the body."""
+    validator(wrapper).validate(json.loads(payload))
+    body: dict[str, Any] = json.loads(cmd_env.unwrap(payload).body)
+    validator(BODY_SCHEMAS[wrapper]).validate(body)
+    return body
 
 
 def built(kind: str) -> tuple[str, dict[str, Any]]:
@@ -64,29 +96,45 @@ def test_channel_addresses_are_exactly_the_topics_the_code_builds():
     assert DOC["defaultContentType"] == "application/json"
     t = Topics(PLACEHOLDER)
     # Every topic property counts, so a topic added to Topics fails here until it is documented.
-    # base is not a topic; commands is a subscription filter for the reserved cmd/ levels.
-    names = [n for n, a in vars(Topics).items()
-             if isinstance(a, property) and n not in {"base", "commands"}]
+    names = [n for n, a in vars(Topics).items() if isinstance(a, property) and n != "base"]
     expected = {_placeholder_address(getattr(t, n)) for n in names}
+    # So does every method; these two build topics from a parameter.
+    assert {n for n, a in vars(Topics).items() if inspect.isfunction(a)
+            and not n.startswith("_")} == {"state", "command_result", "valid_response_topic",
+                                           "owned_retained"}
     expected.add(_placeholder_address(t.state("{group}")))
-    assert {c["address"] for c in DOC["channels"].values()} == expected
-    assert t.commands == f"evgw/v1/{PLACEHOLDER}/cmd/#"
-    assert "cmd/" in DOC["info"]["description"]
+    expected.add(_placeholder_address(t.command_result("{command_id}")))
+    addresses = [c["address"] for c in DOC["channels"].values()]
+    assert {a for a in addresses if a is not None} == expected
+    assert t.command_request == f"evgw/v1/{PLACEHOLDER}/cmd/req"
+    # The one channel without an address is the requester's MQTT 5 response topic.
+    assert [n for n, c in DOC["channels"].items() if c["address"] is None] == ["commandResponse"]
+    assert "cmd/req" in DOC["info"]["description"]
 
 
 def test_channel_parameters_match_the_address_and_the_groups():
     params = DOC["components"]["parameters"]
     assert params["group"]["enum"] == list(GROUPS)
     for channel in DOC["channels"].values():
-        assert set(channel["parameters"]) == set(re.findall(r"\{(\w+)\}", channel["address"]))
+        assert set(channel.get("parameters", {})) == set(
+            re.findall(r"\{(\w+)\}", channel["address"] or ""))
+    assert re.fullmatch(r"[0-9a-f]{32}", params["command_id"]["examples"][0])
 
 
 def test_operations_publish_each_channel_with_the_documented_delivery():
-    for op in DOC["operations"].values():
-        assert op["action"] == "send"
+    for name, op in DOC["operations"].items():
+        assert op["action"] == ("receive" if name == "receiveCommand" else "send")
         assert op["messages"][0]["$ref"].startswith(op["channel"]["$ref"] + "/messages/")
-    assert {op["channel"]["$ref"] for op in DOC["operations"].values()} == {
-        f"#/channels/{name}" for name in DOC["channels"]}
+    reply = DOC["operations"]["receiveCommand"]["reply"]
+    assert reply["messages"][0]["$ref"].startswith(reply["channel"]["$ref"] + "/messages/")
+    assert reply["address"]["location"].startswith("$message.header#/")
+    used = {op["channel"]["$ref"] for op in DOC["operations"].values()} | {reply["channel"]["$ref"]}
+    assert used == {f"#/channels/{name}" for name in DOC["channels"]}
+    for name in ("receiveCommand", "publishCommandResult"):
+        mqtt = DOC["operations"][name]["bindings"]["mqtt"]
+        assert (mqtt["qos"], mqtt["retain"]) == (1, False)
+    assert DOC["operations"]["publishCommandResult"]["bindings"]["mqtt"][
+        "messageExpiryInterval"] == RESULT_EXPIRY
     topics = [T.status, T.telemetry, T.backfill, T.alerts, T.alerts_active, T.events,
               *(T.state(g) for g in GROUPS)]
     # The retained topics are exactly those the gateway owns and re-asserts.
@@ -97,7 +145,6 @@ def test_operations_publish_each_channel_with_the_documented_delivery():
 
 def test_message_payloads_reference_existing_schemas_that_the_helper_uses():
     for name, channel in DOC["channels"].items():
-        topic = channel["address"].format(vehicle_id="car-1", group="battery")
         for ref in channel["messages"].values():
             message = deref(ref)
             payload = message["payload"]
@@ -105,7 +152,12 @@ def test_message_payloads_reference_existing_schemas_that_the_helper_uses():
             path = DOCS / payload["schema"]["$ref"]
             assert path.is_file(), f"{name}: {path} missing"
             assert path.parent == DOCS / "schemas"
+            if name in COMMAND_SCHEMAS:
+                assert path.name == COMMAND_SCHEMAS[name]
+                continue
+            topic = channel["address"].format(vehicle_id="car-1", group="battery")
             assert schema_name_for(topic) == path.name
+    assert set(COMMAND_SCHEMAS.values()) | set(BODY_SCHEMAS.values()) <= set(schemas())
 
 
 def test_every_schema_file_is_a_valid_draft_2020_12_schema():
@@ -117,11 +169,15 @@ def test_every_schema_file_is_a_valid_draft_2020_12_schema():
 
 def test_examples_in_the_asyncapi_document_are_valid():
     count = 0
-    for channel in DOC["channels"].values():
+    for name, channel in DOC["channels"].items():
         for ref in channel["messages"].values():
             message = deref(ref)
             for example in message["examples"]:
                 payload = example["payload"]
+                if name in COMMAND_SCHEMAS:
+                    validate_signed(COMMAND_SCHEMAS[name], json.dumps(payload).encode())
+                    count += 1
+                    continue
                 topic = channel["address"].format(
                     vehicle_id=payload["vehicle"], group=payload.get("group", ""))
                 validate(topic, payload)
@@ -336,3 +392,108 @@ def test_topics_outside_the_contract_are_refused(topic):
         schema_name_for(topic)
     with pytest.raises(AssertionError):
         validate(topic, built("status")[1])
+
+
+# --- signed commands and their results -----------------------------------------------------
+
+def command(cmd: str = "lock", args: dict[str, Any] | None = None) -> cmd_env.Command:
+    """A command of the reference car, as an app would make it."""
+    return cmd_env.Command("car-1", "0123456789abcdef0123456789abcdef", cmd, args or {},
+                           1_700_000_000_000, 1_700_000_030_000,
+                           cmd_env.key_id(SENDER.public_key()))
+
+
+@pytest.mark.parametrize(("cmd", "args"), [
+    ("lock", {}), ("unlock", {}), ("locate", {}), ("locate", {"mode": "horn"}),
+    ("charge-limit", {"soc": 80}), ("charge-limit", {"soc": 50.0}),
+    ("speed-profile", {"profile": "none"}), ("reset-latches", {}),
+    ("reset-latches", {"key": "battery.cell_overvoltage"}),
+])
+def test_signed_commands_validate_and_parse_back(cmd, args):
+    payload = cmd_env.sign_command(command(cmd, args), SENDER)
+    assert validate_signed("command-request.json", payload)["cmd"] == cmd
+    assert cmd_env.parse_command(cmd_env.unwrap(payload).body) == command(cmd, args)
+
+
+@pytest.mark.parametrize(("status", "reason", "detail"), [
+    ("accepted", None, None), ("succeeded", None, {"attempts": 1}),
+    ("succeeded", None, {"released": []}), ("failed", "timeout", {"attempts": 2, "reported": None}),
+    ("failed", "interrupted", None), ("rejected", "vehicle_moving", {"motion": ["moving"]}),
+    ("rejected", "malformed", {"error": "not JSON"}), ("expired", "expired", None),
+])
+def test_signed_results_validate_and_open(status, reason, detail):
+    broken = reason == "malformed"
+    result = cmd_env.Result("car-1", None if broken else command().id,
+                            None if broken or reason == "interrupted" else "lock", status, reason,
+                            1_700_000_000_412, cmd_env.key_id(GATEWAY.public_key()),
+                            None if broken else command().kid, detail)
+    payload = cmd_env.sign_result(result, GATEWAY)
+    assert validate_signed("command-result.json", payload)["status"] == status
+    assert cmd_env.open_result(payload, GATEWAY.public_key()) == result
+
+
+def _body(change: Any) -> bytes:
+    body = command().body()
+    change(body)
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("change", [
+    lambda b: b.pop("kid"), lambda b: b.update(extra=1), lambda b: b.update(id=b["id"].upper()),
+    lambda b: b.update(id=b["id"][:30]), lambda b: b.update(issued_at_ms=1.7e12 + 0.5),
+    lambda b: b.update(expires_at_ms="1700000030000"), lambda b: b.update(issued_at_ms=True),
+    lambda b: b.update(issued_at_ms=-1), lambda b: b.update(kid="0" * 17),
+    lambda b: b.update(args=[]), lambda b: b.update(cmd="Lock"), lambda b: b.update(vehicle=7),
+])
+def test_bodies_the_gateway_refuses_break_the_schema_too(change):
+    raw = _body(change)
+    with pytest.raises(cmd_env.Malformed):
+        cmd_env.parse_command(raw)
+    with pytest.raises(ValidationError):
+        validator("command-body.json").validate(json.loads(raw))
+
+
+@pytest.mark.parametrize(("cmd", "args"), [
+    ("open-trunk", {}), ("charge-limit", {}), ("charge-limit", {"soc": "80"}),
+    ("lock", {"force": True}), ("speed-profile", {}), ("reset-latches", {"key": 3}),
+])
+def test_commands_the_gateway_would_refuse_later_break_the_schema(cmd, args):
+    # Well formed, so they parse; the gateway refuses them as not_supported / bad_arguments.
+    raw = _body(lambda b: b.update(cmd=cmd, args=args))
+    assert cmd_env.parse_command(raw).cmd == cmd
+    with pytest.raises(ValidationError):
+        validator("command-body.json").validate(json.loads(raw))
+
+
+@pytest.mark.parametrize("wrapper", ["command-request.json", "command-result.json"])
+@pytest.mark.parametrize("change", [
+    lambda w: w.update(v=2), lambda w: w.update(extra=1), lambda w: w.pop("sig"),
+    lambda w: w.update(sig=w["sig"][:80]), lambda w: w.update(body=w["body"] + "+"),
+    lambda w: w.update(body=None),
+])
+def test_wrappers_the_gateway_refuses_break_the_schemas(wrapper, change):
+    payload = cmd_env.sign_command(command(), SENDER)
+    outer = json.loads(payload)
+    change(outer)
+    with pytest.raises(cmd_env.Malformed):
+        cmd_env.unwrap(json.dumps(outer).encode())
+    with pytest.raises(ValidationError):
+        validator(wrapper).validate(outer)
+
+
+@pytest.mark.parametrize("change", [
+    lambda r: r.update(reason="timeout"), lambda r: r.update(status="failed"),
+    lambda r: r.update(status="failed", reason="vehicle_moving"),
+    lambda r: r.update(status="rejected"), lambda r: r.update(status="expired", reason="timeout"),
+    lambda r: r.update(status="rejected", reason="oops"), lambda r: r.update(id=None),
+    lambda r: r.update(detail={}), lambda r: r.update(key="ABCDEF0123456789"),
+    lambda r: r.pop("at_ms"), lambda r: r.update(status="done"), lambda r: r.update(extra=1),
+])
+def test_broken_result_bodies_are_rejected(change):
+    result = cmd_env.Result("car-1", command().id, "lock", "succeeded", None, 1_700_000_000_412,
+                            cmd_env.key_id(GATEWAY.public_key()), command().kid,
+                            {"attempts": 1}).body()
+    validator("command-result-body.json").validate(result)
+    change(result)
+    with pytest.raises(ValidationError):
+        validator("command-result-body.json").validate(result)
