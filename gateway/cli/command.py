@@ -156,12 +156,13 @@ async def send(broker: Broker, command: env.Command, key: Ed25519PrivateKey, *,
                 protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
                 socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)) as client:
             await client.subscribe(listen, qos=1)  # first, or a fast answer is missed
-            await client.publish(topics.command_request, env.sign_command(command, key),
-                                 qos=1, properties=props)
+            payload = env.sign_command(command, key)
+            await client.publish(topics.command_request, payload, qos=1, properties=props)
             sent = True
+            req = env.request_digest(payload)
             async with asyncio.timeout(timeout):
                 async for message in client.messages:
-                    result = _result(message, command.id, correlation, gateway_key)
+                    result = _result(message, command.id, correlation, gateway_key, req)
                     if result is None:
                         continue
                     print(json.dumps(result.body()) if as_json else describe(result),
@@ -182,8 +183,11 @@ async def send(broker: Broker, command: env.Command, key: Ed25519PrivateKey, *,
 
 
 def _result(message: aiomqtt.Message, command_id: str, correlation: bytes,
-            gateway_key: Ed25519PublicKey | None) -> env.Result | None:
-    """The result in ``message`` if it answers our command (and verifies); else None."""
+            gateway_key: Ed25519PublicKey | None, req: str) -> env.Result | None:
+    """The result in ``message`` if it answers our own payload (and verifies); else None.
+
+    A result for another payload with our id answers a copy someone re-sent with a
+    forged signature, not our command: it says nothing about what the car did."""
     props = message.properties
     theirs = getattr(props, "CorrelationData", None) if props is not None else None
     if theirs is not None and bytes(theirs) != correlation:
@@ -195,7 +199,13 @@ def _result(message: aiomqtt.Message, command_id: str, correlation: bytes,
     except env.Malformed as exc:
         _warn(f"ignoring a result on {message.topic}: {exc}")
         return None
-    return result if result.id == command_id else None
+    if result.id != command_id:
+        return None
+    if result.req != req:
+        _warn(f"ignoring a result on {message.topic} that answers another payload "
+              f"with our command id ({result.status} {result.reason})")
+        return None
+    return result
 
 
 def load_gateway_key(path: Path) -> Ed25519PublicKey:

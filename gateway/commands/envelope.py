@@ -77,6 +77,11 @@ def key_id(key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw_public_key(key)).hexdigest()[:16]
 
 
+def request_digest(payload: bytes) -> str:
+    """The first 16 bytes of SHA-256 over a command's wire payload, as 32 hex digits."""
+    return hashlib.sha256(payload).hexdigest()[:32]
+
+
 def new_command_id() -> str:
     """16 random bytes as 32 lowercase hex digits."""
     return secrets.token_hex(COMMAND_ID_BYTES)
@@ -191,12 +196,16 @@ class Result:
     key: str | None = None
     """The id of the key that signed the command, once it was verified."""
     detail: dict[str, Any] | None = None
+    req: str | None = None
+    """:func:`request_digest` of the payload this answers: a client accepts a result only
+    for the bytes it sent itself."""
 
     def body(self) -> dict[str, Any]:
         """The body as a JSON object."""
         out: dict[str, Any] = {"vehicle": self.vehicle, "id": self.id, "cmd": self.cmd,
                                "status": self.status, "reason": self.reason,
-                               "at_ms": self.at_ms, "kid": self.kid, "key": self.key}
+                               "at_ms": self.at_ms, "kid": self.kid, "key": self.key,
+                               "req": self.req}
         if self.detail:
             out["detail"] = self.detail
         return out
@@ -224,7 +233,8 @@ def open_result(payload: bytes, gateway_key: Ed25519PublicKey | None) -> Result:
     data = _json_object(signed.body, "result body")
     try:
         return Result(data["vehicle"], data["id"], data["cmd"], data["status"], data["reason"],
-                      data["at_ms"], data["kid"], data.get("key"), data.get("detail"))
+                      data["at_ms"], data["kid"], data.get("key"), data.get("detail"),
+                      data.get("req"))
     except KeyError as exc:
         raise Malformed(f"result body lacks {exc.args[0]}") from None
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -84,7 +85,10 @@ def parse_public_key(text: str) -> Ed25519PublicKey:
     """An Ed25519 public key from PEM text or base64url of its 32 raw bytes."""
     text = text.strip()
     if text.startswith("-----BEGIN"):
-        key = load_pem_public_key(text.encode())
+        try:
+            key = load_pem_public_key(text.encode())
+        except UnsupportedAlgorithm as exc:
+            raise ValueError(f"unsupported key type: {exc}") from None
         if not isinstance(key, Ed25519PublicKey):
             raise ValueError("not an Ed25519 public key")
         return key
@@ -141,16 +145,17 @@ class KeyFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, ...] | None = None
         self.ring = load_keyring(path)  # a broken file at start-up is a ConfigError
         self._stamp = self._stat()
 
-    def _stat(self) -> tuple[int, int] | None:
+    def _stat(self) -> tuple[int, ...] | None:
         try:
             st = os.stat(self.path)
         except OSError:
             return None
-        return st.st_mtime_ns, st.st_size
+        # The inode catches an atomic replace within one coarse mtime tick.
+        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
 
     def current(self) -> KeyRing:
         """The keys now in force."""

@@ -30,6 +30,12 @@ def rejected(reason: str, **detail: Any) -> Outcome:
     return Outcome("rejected", reason, detail or None)
 
 
+def unconfirmed(attempts: int, refusal: Outcome) -> Outcome:
+    """A retry refused after a frame already went out: the controller may have acted, so
+    the command failed (outcome unknown), it was not rejected."""
+    return Outcome("failed", "unconfirmed", {"attempts": attempts, "refused": refusal.reason})
+
+
 def motion_refusal(verdicts: Verdicts) -> Outcome | None:
     """None when the car is proven stationary; otherwise why not.
 

@@ -23,6 +23,7 @@ from gateway.commands.outcome import (
     bad_arguments,
     rejected,
     trial_encode,
+    unconfirmed,
 )
 from gateway.config.commands import PulseSpec
 from gateway.safety.transmit import TransmitGuard
@@ -81,7 +82,8 @@ class Pulse:
         refusal = bad_arguments(args, allowed)
         if refusal is not None:
             return refusal
-        if self.spec.modes and self._mode(args) not in self.spec.modes:
+        mode = self._mode(args)
+        if self.spec.modes and (not isinstance(mode, str) or mode not in self.spec.modes):
             return rejected("bad_arguments",
                             error=f"mode must be one of {', '.join(self.spec.modes)}")
         now = self._clock.time()
@@ -102,7 +104,7 @@ class Pulse:
             for attempt in range(1, ATTEMPTS + 1):
                 refusal = interlock()
                 if refusal is not None:
-                    return refusal
+                    return refusal if attempt == 1 else unconfirmed(attempt - 1, refusal)
                 seen = self._timestamps()
                 if not self._guard.send(self._bus, frame):
                     return Outcome("failed", "transmit_failed", {"attempts": attempt})

@@ -17,8 +17,11 @@ the first that fails answers with its reason and nothing reaches the bus:
 
 Then the id is recorded, ``accepted`` is answered and the command runs;
 its final result follows. Answers go to the MQTT 5 response topic (with
-the correlation data) and to ``cmd/res/{id}``, signed with the gateway key.
-Results from step 3 on are stored, so a retransmission gets the same one.
+the correlation data) and, once the signature verified, to ``cmd/res/{id}``,
+signed with the gateway key. Each names the request it answers (``req``, a
+digest of the payload bytes), so a copy of a command with a forged signature
+cannot pass its answer off as the real one's. Results from step 4 on are
+stored, so a retransmission gets the same one.
 """
 
 from __future__ import annotations
@@ -44,9 +47,10 @@ from gateway.safety.verdicts import Verdicts
 
 log = logging.getLogger("gateway.commands")
 
-UNAUTHENTICATED_RATE = 5.0
-"""Answers per second to messages that never authenticated; more are counted, not sent,
-so a flood of junk cannot turn the gateway into an amplifier."""
+UNSTORED_ANSWER_RATE = 5.0
+"""Answers per second to junk, forgeries, replays and duplicates (anything not a fresh,
+authenticated command); more are counted, not sent, so replaying captured traffic cannot
+turn the gateway into an amplifier or crowd out real commands."""
 
 
 @dataclass(frozen=True)
@@ -129,8 +133,8 @@ class CommandService:
         self.queue: BatchQueue[Incoming] = BatchQueue(
             "commands", self.policy.queue, Overflow.DROP_OLDEST, counters)
         self._buckets: dict[str, _Bucket] = {}
-        self._anonymous = _Bucket(UNAUTHENTICATED_RATE, int(UNAUTHENTICATED_RATE),
-                                  clock.monotonic())
+        self._answers = _Bucket(UNSTORED_ANSWER_RATE, int(UNSTORED_ANSWER_RATE),
+                                clock.monotonic())
         self.running: set[asyncio.Task[None]] = set()
 
     # ---- intake ---------------------------------------------------------------------
@@ -139,6 +143,12 @@ class CommandService:
         """Queue a message from the command topic (never blocks; when full, the oldest
         waiting message is dropped: it is the likeliest to expire first)."""
         self._counters.inc("commands.received")
+        if len(msg.payload) > env.MAX_PAYLOAD:
+            # Refused before queueing, so the bounded queue bounds memory too.
+            self._counters.inc("commands.rejected.too_large")
+            self._rlog.warning("commands.too_large", f"commands: dropped a {len(msg.payload)}"
+                               f"-byte message (at most {env.MAX_PAYLOAD})")
+            return
         self.queue.put_nowait([msg])
 
     async def run(self) -> None:
@@ -146,7 +156,12 @@ class CommandService:
         await self._finish_interrupted()
         while (batch := await self.queue.get()) is not None:
             for msg in batch:
-                await self.handle(msg)
+                try:
+                    await self.handle(msg)
+                except Exception as exc:  # a bug must cost one message, not the service
+                    self._counters.inc("commands.internal_error")
+                    self._rlog.error("commands.internal_error",
+                                     f"commands: handling a message failed: {exc!r}")
 
     async def stop(self) -> None:
         """Cancel commands still running; the next start reports them as interrupted."""
@@ -192,9 +207,11 @@ class CommandService:
         known = await self.cache.lookup(command.id)
         if known is not None:
             return await self._duplicate(ctx, known)
+        outcome = None
         if not self._bucket(key).take(self._clock.monotonic()):
-            return rejected("rate_limited")
-        outcome = self._validity(command) or self._permitted(key, command)
+            # Stored like any answer: a refused envelope must not run when re-sent later.
+            outcome = rejected("rate_limited")
+        outcome = outcome or self._validity(command) or self._permitted(key, command)
         if outcome is None and await self.cache.full():
             outcome = rejected("replay_cache_full")
         if outcome is not None:
@@ -217,7 +234,10 @@ class CommandService:
         self._counters.inc("commands.duplicate")
         self._rlog.warning(f"commands.duplicate.{known.kid}",
                            f"commands: {ctx.id} received again; answering with its result")
-        await self._deliver(ctx, known.result)
+        if self._answers.take(self._clock.monotonic()):
+            await self._deliver(ctx, known.result)
+        else:
+            self._counters.inc("commands.answers_suppressed")
         return None
 
     def _bucket(self, key: AuthorizedKey) -> _Bucket:
@@ -273,8 +293,9 @@ class CommandService:
             outcome = Outcome("failed", "internal_error")
         try:
             await self._store_final(ctx, outcome, update=True)
-        except ReplayCacheError as exc:
-            self._rlog.error("commands.cache", f"commands: {exc}")
+        except Exception as exc:  # the next start answers it "interrupted"
+            self._rlog.error("commands.cache", f"commands: storing the result of "
+                             f"{command.id} failed: {exc!r}")
 
     async def _store_final(self, ctx: _Context, outcome: Outcome, update: bool = False
                            ) -> None:
@@ -308,7 +329,8 @@ class CommandService:
     def _result(self, ctx: _Context, outcome: Outcome) -> env.Result:
         return env.Result(self.topics.vehicle_id, ctx.id, ctx.cmd, outcome.status,
                           outcome.reason, self._now_ms(), self.kid,
-                          ctx.key.kid if ctx.key else None, outcome.detail)
+                          ctx.key.kid if ctx.key else None, outcome.detail,
+                          env.request_digest(ctx.msg.payload))
 
     def _sign(self, result: env.Result) -> bytes:
         return env.sign_result(result, self._signer)
@@ -320,13 +342,15 @@ class CommandService:
     async def _answer(self, ctx: _Context, outcome: Outcome) -> None:
         """An answer to a message that was not stored (failed steps 1-4)."""
         self._account(ctx, outcome)
-        if ctx.key is None and not self._anonymous.take(self._clock.monotonic()):
+        if not self._answers.take(self._clock.monotonic()):
             self._counters.inc("commands.answers_suppressed")
             return
         await self._deliver(ctx, self._sign(self._result(ctx, outcome)))
 
     async def _deliver(self, ctx: _Context, payload: bytes) -> None:
-        topics = [self.topics.command_result(ctx.id)] if ctx.id else []
+        # Only a verified sender's command id names a result topic: anyone can copy an id
+        # off cmd/req, and a forged copy must not answer in the real command's place.
+        topics = [self.topics.command_result(ctx.id)] if ctx.id and ctx.key else []
         response = ctx.msg.response_topic
         if response is not None and response not in topics:
             if self.topics.valid_response_topic(response):

@@ -26,6 +26,7 @@ from gateway.commands.outcome import (
     bad_arguments,
     rejected,
     trial_encode,
+    unconfirmed,
 )
 from gateway.config.commands import SetpointSpec
 from gateway.persist import load_json, save_json
@@ -47,7 +48,7 @@ async def _confirm(send: Callable[[], bool], report: SignalState,
     for attempt in (1, 2):
         refusal = interlock()
         if refusal is not None:
-            return refusal
+            return refusal if attempt == 1 else unconfirmed(attempt - 1, refusal)
         before = report.timestamp
         if not send():
             return Outcome("failed", "transmit_failed", {"attempts": attempt})

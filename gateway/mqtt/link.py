@@ -53,6 +53,9 @@ STABLE_AFTER = 10.0
 """A connection that lasted this long resets the backoff."""
 LIVE_QUEUE = 1000
 """Bound on messages paho may hold unsent; more live telemetry is dropped and counted."""
+MAX_INBOUND_PACKET = 1024 * 1024
+"""Largest MQTT 5 packet the gateway accepts: its own retained state echoes are far
+smaller, and commands are at most 4 KiB."""
 RESULT_EXPIRY = 300
 """Seconds a command result may wait in an offline requester's session (MQTT 5)."""
 _UNSUPPORTED_PROTOCOL = (1, 132)  # 3.1.1 CONNACK code / MQTT 5 reason code
@@ -136,10 +139,14 @@ class Link:
         v5 = self._protocol is aiomqtt.ProtocolVersion.V5
         will_props = None
         connect_props = None
+        if v5:
+            connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            # The broker drops larger messages for us instead of sending them.
+            connect_props.MaximumPacketSize = MAX_INBOUND_PACKET
         if v5 and s.will_delay > 0:
             will_props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
             will_props.WillDelayInterval = s.will_delay
-            connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            assert connect_props is not None
             # The session must outlive the will delay, or the will fires when it ends.
             connect_props.SessionExpiryInterval = s.will_delay + 2 * s.keepalive
         will = aiomqtt.Will(self.topics.status, self._status(False, "lost"), qos=1, retain=True,
@@ -153,6 +160,9 @@ class Link:
             clean_session=None if v5 else True,
             properties=connect_props,
             max_queued_outgoing_messages=LIVE_QUEUE,
+            # Inbound traffic (commands, echoes of owned topics) is bounded too; beyond
+            # this paho drops messages rather than grow.
+            max_queued_incoming_messages=LIVE_QUEUE,
             max_inflight_messages=self._drain_batch,
             tls_context=self._tls,
             tls_insecure=s.tls.insecure if s.tls else None,
