@@ -4,7 +4,10 @@
 python-can ``virtual`` bus (a channel of its own per rig), the gateway
 in-process against a real mosquitto, a second listener on that bus that
 keeps every frame the gateway sends, and an MQTT 5 client that signs
-commands with one key per role and collects the gateway's answers.
+commands with one key per role and collects the gateway's answers: on
+cmd/res/{id}, and on its response topic (every publication asks for one,
+with correlation data of its own, unless a test says otherwise). Every
+result must name the digest (``req``) of bytes the rig itself sent.
 Nothing is mocked: a frame counted here is a frame the car could act on.
 """
 
@@ -82,10 +85,31 @@ class Reply:
 
 @dataclass(frozen=True)
 class Sent:
-    """A command as published: its id (None for raw bytes) and the exact payload."""
+    """A command as signed: its id (None for raw bytes) and the exact payload."""
 
     id: str | None
     payload: bytes
+
+    @property
+    def req(self) -> str:
+        """The digest every answer to this payload must name."""
+        return env.request_digest(self.payload)
+
+
+@dataclass(frozen=True)
+class Published:
+    """One publication of a command, with what the rig asked answers to carry and how
+    many body commands were on the bus just before it."""
+
+    sent: Sent
+    response_topic: str | None
+    correlation: bytes | None
+    body_frames: int
+
+
+UNVERIFIED = frozenset({"retained", "malformed", "unknown_key", "bad_signature"})
+"""Refusals of messages whose signature never verified: answered only on the response
+topic, since anyone can copy a command id off cmd/req."""
 
 
 @dataclass
@@ -150,6 +174,7 @@ class CommandRig:
         self.settings = with_overrides(default_settings(VEHICLE, REF_PROFILE, tmp_path / "state"),
                                        host=broker.host, port=broker.port, keys=self.keys_file)
         self.replies: list[Reply] = []
+        self.published: list[Published] = []
         self.frames: list[can.Message] = []
         self._stack = contextlib.AsyncExitStack()
         self._gateway: Gateway | None = None
@@ -295,22 +320,28 @@ class CommandRig:
         return Sent(command.id, env.sign_command(command, private))
 
     async def publish(self, sent: Sent | bytes, *, retain: bool = False,
-                      response_topic: str | None = None, correlation: bytes | None = None
+                      response_topic: str | bool = True, correlation: bytes | None = None
                       ) -> Sent:
-        """Publish a command (or raw bytes) on cmd/req with QoS 1."""
+        """Publish a command (or raw bytes) on cmd/req with QoS 1. Answers are asked for on
+        the rig's response topic (another topic if given, none for False), with
+        ``correlation`` or else correlation data unique to this publication."""
         sent = Sent(None, sent) if isinstance(sent, bytes) else sent
+        topic = self.response_topic if response_topic is True else response_topic or None
+        if topic is not None and correlation is None:
+            correlation = f"rig-{len(self.published)}".encode()
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        if response_topic is not None:
-            props.ResponseTopic = response_topic
+        if topic is not None:
+            props.ResponseTopic = topic
         if correlation is not None:
             props.CorrelationData = correlation
+        self.published.append(Published(sent, topic, correlation, len(self.sent(BODY_COMMAND))))
         assert self._client is not None
         await self._client.publish(self.topics.command_request, sent.payload, qos=1,
                                    retain=retain, properties=props)
         return sent
 
     async def send(self, cmd: str, args: dict[str, Any] | None = None, *, key: str = "owner",
-                   retain: bool = False, response_topic: str | None = None,
+                   retain: bool = False, response_topic: str | bool = True,
                    correlation: bytes | None = None, **fields: Any) -> Sent:
         """:meth:`sign` (``fields`` are its overrides), then :meth:`publish`."""
         return await self.publish(self.sign(cmd, args, key=key, **fields), retain=retain,
@@ -330,39 +361,65 @@ class CommandRig:
         assert sent.id is not None
         return self.on(self.topics.command_result(sent.id))
 
+    def responses(self, sent: Sent, topic: str | None = None) -> list[Reply]:
+        """The raw messages on a response topic (the rig's unless given) that carry the
+        correlation data of a publication of ``sent``'s exact bytes."""
+        topic = topic or self.response_topic
+        ours = {p.correlation for p in self.published
+                if p.sent.payload == sent.payload and p.response_topic == topic}
+        return [r for r in self.on(topic) if r.correlation in ours]
+
     def verified(self, payload: bytes) -> env.Result:
         """A result opened with the gateway's public key (Malformed if not its signature)."""
         return env.open_result(payload, self.gateway_key)
 
-    async def replies_on(self, topic: str, count: int = 1) -> list[Reply]:
-        """Wait until ``count`` messages arrived on ``topic``; all of them."""
-        await eventually(lambda: len(self.on(topic)) >= count, f"{count} on {topic}")
-        return self.on(topic)
+    async def results(self, sent: Sent, final: bool = True, count: int = 1,
+                      topic: str | None = None) -> list[env.Result]:
+        """Every verified result on ``sent``'s cmd/res/{id} (or its answers on the response
+        ``topic``), once ``count`` of them (final ones unless ``final`` is False) arrived.
 
-    async def results(self, command_id: str | None, final: bool = True, count: int = 1
-                      ) -> list[env.Result]:
-        """Every verified result on cmd/res/{id}, once ``count`` of them (final ones unless
-        ``final`` is False) arrived."""
-        assert command_id is not None
-        topic = self.topics.command_result(command_id)
+        Each must answer bytes the rig published: on a response topic exactly ``sent``'s,
+        on cmd/res/{id} any payload the rig sent with that id (a reuse of the id is
+        answered there too)."""
+        def replies() -> list[Reply]:
+            return self.answers(sent) if topic is None else self.responses(sent, topic)
 
         def opened() -> list[env.Result]:
-            return [self.verified(r.payload) for r in self.on(topic)]
+            return [self.verified(r.payload) for r in replies()]
+        where = topic or f"cmd/res/{sent.id}"
         await eventually(lambda: sum(1 for r in opened() if r.final or not final) >= count,
-                         f"{count} result(s) for {command_id}")
-        return opened()
+                         f"{count} result(s) for {sent.id} on {where}")
+        mine = {sent.req} if topic is not None else {
+            p.sent.req for p in self.published if p.sent.id == sent.id}
+        found = opened()
+        for result in found:
+            assert result.id == sent.id, result
+            assert result.req in mine, f"{result} answers bytes the rig never sent"
+        return found
 
-    async def final(self, sent: Sent) -> env.Result:
-        """The one final result of ``sent``."""
-        [result] = [r for r in await self.results(sent.id) if r.final]
+    async def final(self, sent: Sent, topic: str | None = None) -> env.Result:
+        """The one final result of ``sent`` (on cmd/res/{id} or the response ``topic``); it
+        must answer ``sent``'s own bytes."""
+        [result] = [r for r in await self.results(sent, topic=topic) if r.final]
+        assert result.req == sent.req, result
         return result
 
     async def refused(self, sent: Sent, reason: str, status: str = "rejected") -> env.Result:
         """The answer to a command that must be refused: a single result, ``status`` with
-        ``reason`` (no ``accepted`` before it), and no body command on the bus."""
-        results = await self.results(sent.id)
+        ``reason`` (no ``accepted`` before it), and no body command on the bus since it
+        was published. A refusal before the signature verified comes only on the response
+        topic the last publication of ``sent`` asked for, never on cmd/res/{id}."""
+        [last] = [p for p in self.published if p.sent.payload == sent.payload][-1:]
+        topic = None
+        if reason in UNVERIFIED:
+            assert last.response_topic is not None, "the rig would never see this answer"
+            topic = last.response_topic
+        results = await self.results(sent, topic=topic)
         assert [(r.status, r.reason) for r in results] == [(status, reason)], results
-        assert self.sent(BODY_COMMAND) == []
+        assert results[0].req == sent.req
+        if topic is not None and sent.id is not None:
+            assert self.answers(sent) == []
+        assert len(self.sent(BODY_COMMAND)) == last.body_frames
         return results[0]
 
     def events(self, kind: str) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import stat
 import uuid
@@ -13,12 +14,24 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiomqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from gateway.app import Commands, Pipeline, Publishing, Safety
 from gateway.cli import build_parser, command, main
 from gateway.clock import SystemClock
-from gateway.commands.envelope import b64url, key_id, raw_public_key
+from gateway.commands.envelope import (
+    Result,
+    b64url,
+    key_id,
+    open_result,
+    parse_command,
+    raw_public_key,
+    request_digest,
+    unwrap,
+)
 from gateway.commands.keys import ROLES, load_keyring, load_private_key
 from gateway.config import load_profile
 from gateway.config.settings import default_settings, with_overrides
@@ -169,6 +182,46 @@ def test_add_refuses_duplicates_unknown_roles_bad_names_and_private_keys(tmp_pat
     assert load_keyring(keys).keys[kid_of(bob)].role == "valet"
 
 
+def test_add_with_not_after_writes_it_in_utc_and_list_shows_it(tmp_path, capsys):
+    keys = tmp_path / "keys.toml"
+    renter, alice = new_key(tmp_path, "renter", capsys), new_key(tmp_path, "alice", capsys)
+    # A car-sharing booking that ends at 19:00 Central European Time.
+    assert main(["keys", "add", f"{renter}.pub", "--role", "driver", "--name", "booking 4711",
+                 "--not-after", "2027-01-31T19:00:00+01:00", "--keys", str(keys)]) == 0
+    assert "as driver until 2027-01-31T19:00:00+01:00" in capsys.readouterr().out
+    assert main(["keys", "add", f"{alice}.pub", "--role", "owner", "--keys", str(keys)]) == 0
+    text = keys.read_text()
+    assert text.count("not_after") == 1
+    assert "\nnot_after = 2027-01-31T18:00:00Z\n" in text
+    ring = load_keyring(keys)
+    end = datetime.datetime(2027, 1, 31, 18, tzinfo=datetime.UTC).timestamp()
+    assert ring.keys[kid_of(renter)].not_after == end
+    assert ring.keys[kid_of(alice)].not_after is None
+    capsys.readouterr()
+    assert main(["keys", "list", "--keys", str(keys)]) == 0
+    by_kid = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert by_kid[kid_of(renter)].endswith(
+        f"{', '.join(ROLES['driver'])}  until 2027-01-31T18:00:00Z")
+    assert "until" not in by_kid[kid_of(alice)]
+
+
+@pytest.mark.parametrize("value", ["2027-01-31T18:00:00", "2027-01-31", "tomorrow", "",
+                                   "31.01.2027 18:00 UTC"])
+def test_add_refuses_a_not_after_without_an_offset(tmp_path, capsys, value):
+    keys = tmp_path / "keys.toml"
+    alice, renter = new_key(tmp_path, "alice", capsys), new_key(tmp_path, "renter", capsys)
+    assert main(["keys", "add", f"{renter}.pub", "--role", "driver", "--not-after", value,
+                 "--keys", str(keys)]) == 2
+    assert "--not-after" in capsys.readouterr().err
+    assert not keys.exists()  # a refused first key creates no file
+    assert main(["keys", "add", f"{alice}.pub", "--role", "owner", "--keys", str(keys)]) == 0
+    before = keys.read_text()
+    assert main(["keys", "add", f"{renter}.pub", "--role", "driver", "--not-after", value,
+                 "--keys", str(keys)]) == 2
+    assert "expected an ISO 8601 time with an offset" in capsys.readouterr().err
+    assert keys.read_text() == before
+
+
 def test_an_invalid_keys_file_is_never_edited(tmp_path, capsys):
     keys = tmp_path / "keys.toml"
     keys.write_text("[[key]]\nrole = \"owner\"\npublic_key = \"nope\"\n")
@@ -247,15 +300,17 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def running_gateway(tmp_path: Path, broker: Mosquitto, keys: Path,
-                          model: VehicleModel | None = None) -> AsyncIterator[Rig]:
-    """The gateway (pipeline, safety, commands, MQTT) and the simulator on a private
-    virtual bus; yields once commands are subscribed and the car is seen standing still."""
+                          model: VehicleModel | None = None, vehicle: str = VEHICLE
+                          ) -> AsyncIterator[Rig]:
+    """The gateway of ``vehicle`` (pipeline, safety, commands, MQTT) and the simulator on a
+    private virtual bus; yields once commands are subscribed and the car is seen standing
+    still. :meth:`Rig.argv` commands ``VEHICLE`` whichever car the gateway is."""
     clock = SystemClock()
     profile = load_profile(REF_PROFILE)
     pipeline = Pipeline.build(profile, clock)
     state = tmp_path / "state"
     state.mkdir()
-    settings = with_overrides(default_settings(VEHICLE, profile.file, state),
+    settings = with_overrides(default_settings(vehicle, profile.file, state),
                               host=broker.host, port=broker.port, keys=keys)
     safety = Safety.build(pipeline, state)
     commands = Commands.build(pipeline, safety, state)
@@ -367,7 +422,13 @@ async def test_results_verified_with_the_gateway_key(tmp_path, broker, capsys):
 async def test_refusals_exit_1_with_the_reason(tmp_path, broker, capsys):
     key, keys = authorised(tmp_path, capsys, role="driver")
     stranger = new_key(tmp_path, "stranger", capsys)
+    renter = new_key(tmp_path, "renter", capsys)  # a booking that ended long ago
+    assert main(["keys", "add", f"{renter}.pub", "--role", "driver", "--not-after",
+                 "2024-06-01T10:00:00Z", "--keys", str(keys)]) == 0
+    capsys.readouterr()
     async with running_gateway(tmp_path, broker, keys) as rig:
+        assert await cli(rig.argv(["lock"], renter)) == 1
+        assert "(key_expired)" in capsys.readouterr().out
         assert await cli(rig.argv(["lock"], stranger)) == 1
         out = capsys.readouterr().out
         assert out.startswith("rejected")
@@ -375,6 +436,56 @@ async def test_refusals_exit_1_with_the_reason(tmp_path, broker, capsys):
         assert await cli(rig.argv(["charge-limit", "80"], key)) == 1
         assert "(role_not_allowed)" in capsys.readouterr().out
         assert body_commands(rig.ecus) == 0
+
+
+async def test_a_result_for_another_vehicle_is_ignored(tmp_path, broker, capsys):
+    key, keys = authorised(tmp_path, capsys)
+    forwarded: list[bytes] = []
+    answers: list[Result] = []
+
+    async def relay(client: aiomqtt.Client) -> None:
+        # Someone on the broker copies car-1's commands to car-2, asking car-2 to answer
+        # on the sender's response topic. The copy is authentic (the same body and
+        # signature, so the same req): only the vehicle of the answer gives it away.
+        async for m in client.messages:
+            assert isinstance(m.payload, bytes)
+            if m.topic.matches(f"evgw/v1/{VEHICLE}/cmd/req"):
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props.ResponseTopic = m.properties.ResponseTopic  # type: ignore[union-attr]
+                props.CorrelationData = m.properties.CorrelationData  # type: ignore[union-attr]
+                forwarded.append(m.payload)
+                await client.publish("evgw/v1/car-2/cmd/req", m.payload, qos=1,
+                                     properties=props)
+            else:
+                answers.append(open_result(m.payload, None))
+
+    async with running_gateway(tmp_path, broker, keys, vehicle="car-2") as rig, \
+            aiomqtt.Client(broker.host, broker.port,
+                           protocol=aiomqtt.ProtocolVersion.V5) as client:
+        # Pinned: car-2's key, as when a fleet shares one gateway key, or mixes them up.
+        assert main(["keys", "gateway", "--state-dir", str(rig.state_dir)]) == 0
+        gateway_pub = tmp_path / "gateway.pub"
+        gateway_pub.write_text(capsys.readouterr().out)
+        await client.subscribe(f"evgw/v1/{VEHICLE}/cmd/req", qos=1)
+        await client.subscribe("evgw-cli/#", qos=1)  # where the command line listens
+        task = asyncio.create_task(relay(client))
+        try:
+            assert await cli(rig.argv(["lock"], key, "--gateway-key", str(gateway_pub),
+                                      "--timeout", "2")) == 3
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert body_commands(rig.ecus) == 0
+    [payload] = forwarded
+    [answer] = answers
+    sent = parse_command(unwrap(payload).body)
+    assert (answer.vehicle, answer.status, answer.reason) == ("car-2", "rejected",
+                                                              "wrong_vehicle")
+    assert (answer.id, answer.req) == (sent.id, request_digest(payload))
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "no final result" in err
 
 
 def test_no_gateway_means_exit_3(tmp_path, broker, capsys):

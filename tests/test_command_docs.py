@@ -5,7 +5,8 @@ The worked examples are read out of the guide's labelled blocks
 gateway.commands.envelope; the reason-code, status, role and command tables,
 the settings and profile key tables and the CLI synopsis are compared with
 the source; and every result the real command service publishes is checked
-against the JSON Schemas and the reason-code table.
+against the JSON Schemas, the reason-code table (including its "Stored"
+column) and what the guide says about topics, ``req`` and answer limits.
 """
 
 from __future__ import annotations
@@ -13,22 +14,29 @@ from __future__ import annotations
 import ast
 import asyncio
 import dataclasses
+import datetime
 import hashlib
 import json
 import re
+import textwrap
+from collections.abc import Callable
 from typing import Any
 
 import can
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.app import Commands, Safety
 from gateway.cli import build_parser
+from gateway.clock import ManualClock
 from gateway.commands import envelope as env
-from gateway.commands.keys import COMMANDS, ROLES, KeyFile, key_entry
+from gateway.commands.keys import COMMANDS, ROLES, KeyFile, key_entry, load_keyring
 from gateway.commands.outcome import STATIONARY_ONLY
 from gateway.commands.replay import Record, ReplayCache
-from gateway.commands.service import CommandService, Incoming, Policy
+from gateway.commands.service import UNSTORED_ANSWER_RATE, CommandService, Incoming, Policy
 from gateway.config.settings import CommandSettings
+from gateway.health import Counters
+from gateway.mqtt.link import LIVE_QUEUE, MAX_INBOUND_PACKET, RESULT_EXPIRY
 from gateway.mqtt.payloads import Envelope, event_body, new_boot_id
 from gateway.mqtt.topics import Topics
 from tests.conftest import ROOT
@@ -147,6 +155,16 @@ def test_the_result_example_verifies_and_is_reproduced_by_the_gateway_key():
     assert (result.status, result.reason, result.kid, result.key) == (
         "succeeded", None, EX["gateway-kid"], EX["kid"])
     assert result.id == env.parse_command(EX["body"].encode()).id
+    # It answers the worked command: req digests its body bytes, then its signature bytes.
+    command = EX["payload"].encode()
+    request = env.unwrap(command)
+    assert result.req == EX["req"] == env.request_digest(command)
+    assert hashlib.sha256(request.body + request.sig).hexdigest() in TEXT
+    assert f"{len(request.body) + len(request.sig)} bytes" in TEXT
+    # The wrapper does not enter it: the same body and signature spaced out are the same.
+    assert env.request_digest(json.dumps(json.loads(command), indent=2).encode()) == EX["req"]
+    assert f"{len(payload)} bytes" in TEXT
+    assert f"{len(EX['result-body'])} bytes" in " ".join(TEXT.split())
     assert env.sign_result(result, gateway) == payload
     assert env.unwrap(payload).sig == env.unb64url(EX["result-signature"])
     try:
@@ -318,6 +336,34 @@ def test_the_cli_synopsis_names_every_action_of_the_parsers():
                 f"{group} {action}"
 
 
+def test_the_cli_synopsis_shows_every_option_of_keys_add():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    keys = next(a for a in getattr(sub, "choices", {})["keys"]._actions if a.choices)
+    options = {o for a in keys.choices["add"]._actions for o in a.option_strings
+               if o.startswith("--") and o != "--help"}
+    assert "--not-after" in options
+    synopsis = TEXT.split("## Command line", 1)[1].split("```", 2)[1]
+    [line] = [x for x in synopsis.splitlines() if x.startswith("ev-gateway keys add")]
+    assert set(re.findall(r"--[\w-]+", line)) == options
+
+
+def test_the_keys_file_example_loads_with_its_booking_end(tmp_path):
+    part = TEXT.split("**The authorized-keys file**", 1)[1]
+    example = re.search(r"```toml\n(.*?)\n *```", part, re.DOTALL)
+    assert example is not None
+    path = tmp_path / "keys.toml"
+    path.write_text(textwrap.dedent(example.group(1)))
+    ring = load_keyring(path)
+    assert [(k.name, k.role) for k in ring.keys.values()] == [
+        ("alice-phone", "owner"), ("booking 4711", "driver")]
+    booking = next(k for k in ring.keys.values() if k.not_after is not None)
+    end = datetime.datetime(2027, 1, 31, 18, tzinfo=datetime.UTC).timestamp()
+    assert booking.not_after == end
+    assert "--not-after 2027-01-31T18:00:00Z" in TEXT
+    assert ring.roles["driver"] == ("lock", "unlock")
+
+
 def test_the_guide_links_resolve():
     links = re.findall(r"\]\(([\w./-]*)(?:#([\w-]+))?\)", TEXT)
     assert len(links) > 20
@@ -331,6 +377,11 @@ def test_the_guide_links_resolve():
 
 
 # --- every result of the real command service ---------------------------------------------
+
+UNVERIFIED = {"retained", "malformed", "unknown_key", "bad_signature"}
+"""Refusals made before a signature verified: answered on the response topic only."""
+RESPONSE = "app/alice/res"
+
 
 class Published:
     """Where the service's results go: kept, as the MQTT link would have sent them."""
@@ -357,19 +408,69 @@ def signed(sender: Ed25519PrivateKey, cmd: str, args: dict[str, Any], issued_ms:
     return payload
 
 
-async def test_every_result_the_service_publishes_follows_the_contract(ref_pipeline, clock,
-                                                                        tmp_path):
+def command_id(payload: bytes) -> str:
+    """The id in a command payload."""
+    return env.parse_command(env.unwrap(payload).body).id
+
+
+@dataclasses.dataclass
+class Harness:
+    """A real command service for the reference car, and what it answered to what."""
+
+    svc: CommandService
+    sink: Published
+    clock: ManualClock
+    counters: Counters
+    audit: list[dict[str, Any]]
+    owner: Ed25519PrivateKey
+    service: Ed25519PrivateKey
+    renter: Ed25519PrivateKey
+    """A driver key whose ``not_after`` passed an hour before the harness started."""
+    gateway: Ed25519PrivateKey
+    created_ms: int
+    attach_bus: Callable[[], None]
+    answers: dict[bytes, list[tuple[list[str], bytes, bytes | None]]] = dataclasses.field(
+        default_factory=dict)
+    retained: set[bytes] = dataclasses.field(default_factory=set)
+
+    def now(self) -> int:
+        """The gateway's clock in epoch milliseconds."""
+        return int(self.clock.time() * 1000)
+
+    async def send(self, payload: bytes, retain: bool = False, advance: float = 1.0,
+                   response: str | None = RESPONSE) -> list[bytes]:
+        """Hand one message to the service and wait for its command; its new answers."""
+        self.clock.advance(advance)  # refills the key's bucket and the answer budget
+        before = len(self.sink.sent)
+        await self.svc.handle(Incoming(payload, retain, response, b"corr"))
+        await asyncio.gather(*self.svc.running)
+        new = self.sink.sent[before:]
+        self.answers.setdefault(payload, []).extend(new)
+        if retain:
+            self.retained.add(payload)
+        return [wire for _, wire, _ in new]
+
+    def open(self, wire: bytes) -> env.Result:
+        """A published result, verified with the gateway key."""
+        return env.open_result(wire, self.gateway.public_key())
+
+
+@pytest.fixture
+async def harness(ref_pipeline, clock, tmp_path):
+    """The owner (the worked example's key), a service key and an expired driver key are
+    authorised; the bus is attached only when the test says so."""
     safety = Safety.build(ref_pipeline, tmp_path)
     actions = Commands.build(ref_pipeline, safety, tmp_path).actions
-    owner, service, stranger = key(EX["seed"]), Ed25519PrivateKey.generate(), \
-        Ed25519PrivateKey.generate()
+    owner, service, renter = (key(EX["seed"]), Ed25519PrivateKey.generate(),
+                              Ed25519PrivateKey.generate())
+    ended = datetime.datetime.fromtimestamp(clock.time() - 3600, datetime.UTC)
     keys = tmp_path / "keys.toml"
     keys.write_text(key_entry("alice", "owner", owner.public_key())
-                    + key_entry("workshop", "service", service.public_key()))
+                    + key_entry("workshop", "service", service.public_key())
+                    + key_entry("booking", "driver", renter.public_key(), not_after=ended))
     gateway = key(EX["gateway-seed"])
     cache = ReplayCache(tmp_path / "commands.sqlite")
     await cache.open(clock.time())
-    created_ms = int(clock.time() * 1000)
     sink = Published()
     audit: list[dict[str, Any]] = []
     svc = CommandService(Topics("car-1"), KeyFile(keys), gateway, cache, actions,
@@ -377,78 +478,198 @@ async def test_every_result_the_service_publishes_follows_the_contract(ref_pipel
                          ref_pipeline.rlog, Policy(burst=2, rate_per_minute=60),
                          audit=audit.append)
     bus = can.Bus(interface="virtual", channel=f"docs-{id(svc)}")
+    yield Harness(svc, sink, clock, ref_pipeline.counters, audit, owner, service, renter,
+                  gateway, int(clock.time() * 1000),
+                  lambda: safety.guard.attach("vehicle", lambda: bus))
+    await svc.stop()
+    await cache.close()
+    bus.shutdown()
 
-    async def send(payload: bytes, retain: bool = False, advance: float = 1.0) -> None:
-        clock.advance(advance)  # refills the key's token
-        await svc.handle(Incoming(payload, retain, "app/alice/res", b"corr"))
-        await asyncio.gather(*svc.running)
 
-    def now() -> int:
-        return int(clock.time() * 1000)
-
+async def run_until_answered(h: Harness, messages: list[Incoming], command: str | None
+                             ) -> None:
+    """Let ``svc.run()`` take ``messages`` from its queue until a result for ``command``
+    (any result when None) is published."""
+    runner = asyncio.create_task(h.svc.run())
+    for msg in messages:
+        h.svc.submit(msg)
     try:
-        first = signed(owner, "charge-limit", {"soc": 80}, now())
-        await send(first)  # no bus attached yet: transmit_failed
-        await send(first)  # the same envelope: the stored result again
-        await send(signed(owner, "charge-limit", {"soc": 90}, now(),
-                          command_id=env.parse_command(env.unwrap(first).body).id))
-        safety.guard.attach("vehicle", lambda: bus)
-        await send(signed(owner, "charge-limit", {"soc": 70}, now()))  # nobody reports: timeout
-        for cmd, args in (("lock", {}), ("speed-profile", {"profile": "valet"}),
-                          ("charge-limit", {"soc": 20}), ("reset-latches", {})):
-            await send(signed(owner, cmd, args, now()))
-        await send(signed(service, "reset-latches", {}, now()))
-        await send(signed(stranger, "lock", {}, now()))
-        await send(signed(stranger, "lock", {}, now(), kid=env.key_id(owner.public_key())))
-        await send(signed(owner, "lock", {}, now(), vehicle="car-2"))
-        await send(b'{"v":1,"body":"e30","sig":"x"}')
-        await send(signed(owner, "lock", {}, now()), retain=True)
-        await send(signed(owner, "lock", {}, now() - 600_000))
-        await send(signed(owner, "lock", {}, now() + 3_600_000))
-        await send(signed(owner, "lock", {}, now(), lifetime_ms=7_200_000))
-        await send(signed(owner, "lock", {}, created_ms - 5_000, lifetime_ms=120_000))
-        for _ in range(3):
-            await send(signed(service, "locate", {}, now()), advance=0.0)
-        lost = signed(owner, "locate", {}, now())
-        body = env.unwrap(lost).body
-        await cache.record(Record(env.parse_command(body).id, hashlib.sha256(body).digest(),
-                                  env.key_id(owner.public_key()), False, b""),
-                           now() + 30_000, clock.time())
-        runner = asyncio.create_task(svc.run())  # answers the unfinished one "interrupted"
-        svc.submit(Incoming(lost, False, "app/alice/res", b"corr"))
-        answered = len(sink.sent)
         async with asyncio.timeout(10):
-            while len(sink.sent) == answered:
+            while not any(command is None or h.open(wire).id == command
+                          for _, wire, _ in h.sink.sent):
                 await asyncio.sleep(0.01)
+    finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
-    finally:
-        await svc.stop()
-        await cache.close()
-        bus.shutdown()
+
+
+async def test_every_result_the_service_publishes_follows_the_contract(harness):
+    h = harness
+    owner, service, stranger = h.owner, h.service, Ed25519PrivateKey.generate()
+    first = signed(owner, "charge-limit", {"soc": 80}, h.now())
+    await h.send(first)  # no bus attached yet: transmit_failed
+    await h.send(first)  # the same envelope: the stored result again
+    await h.send(signed(owner, "charge-limit", {"soc": 90}, h.now(),
+                        command_id=command_id(first)))
+    h.attach_bus()
+    await h.send(signed(owner, "charge-limit", {"soc": 70}, h.now()))  # nobody reports: timeout
+    for cmd, args in (("lock", {}), ("speed-profile", {"profile": "valet"}),
+                      ("charge-limit", {"soc": 20}), ("reset-latches", {})):
+        await h.send(signed(owner, cmd, args, h.now()))
+    await h.send(signed(service, "reset-latches", {}, h.now()))
+    await h.send(signed(h.renter, "lock", {}, h.now()))  # the booking is over
+    await h.send(signed(stranger, "lock", {}, h.now()))
+    await h.send(signed(stranger, "lock", {}, h.now(), kid=env.key_id(owner.public_key())))
+    await h.send(signed(owner, "lock", {}, h.now(), vehicle="car-2"))
+    await h.send(b'{"v":1,"body":"e30","sig":"x"}')
+    await h.send(signed(owner, "lock", {}, h.now()), retain=True)
+    await h.send(signed(owner, "lock", {}, h.now() - 600_000))
+    await h.send(signed(owner, "lock", {}, h.now() + 3_600_000))
+    await h.send(signed(owner, "lock", {}, h.now(), lifetime_ms=7_200_000))
+    await h.send(signed(owner, "lock", {}, h.created_ms - 5_000, lifetime_ms=120_000))
+    for _ in range(3):
+        await h.send(signed(service, "locate", {}, h.now()), advance=0.0)
+    # Valid (with the skew allowance) for 1.5 s after it arrives: the first frame goes
+    # out, the 3 s confirmation timeout passes, and the retry is refused as expired.
+    h.clock.advance(60.0)
+    await h.send(signed(owner, "charge-limit", {"soc": 60}, h.now() + 1_000 - 38_500))
+    # A command accepted just before a crash: the next start answers it "interrupted".
+    lost = signed(owner, "locate", {}, h.now())
+    body = env.unwrap(lost).body
+    accepted = env.Result("car-1", command_id(lost), "locate", "accepted", None, h.now(),
+                          env.key_id(h.gateway.public_key()), env.key_id(owner.public_key()),
+                          None, env.request_digest(lost))
+    await h.svc.cache.record(Record(command_id(lost), hashlib.sha256(body).digest(),
+                                    env.key_id(owner.public_key()), False,
+                                    env.sign_result(accepted, h.gateway)),
+                             h.now() + 30_000, h.clock.time())
+    h.clock.advance(1.0)
+    before = len(h.sink.sent)
+    await run_until_answered(h, [Incoming(lost, False, RESPONSE, b"corr")], command_id(lost))
+    h.answers[lost] = h.sink.sent[before:]
 
     seen = set()
     documented = doc_reasons()
-    for topics, payload, correlation in sink.sent:
-        validator("command-result.json").validate(json.loads(payload))
-        result = env.open_result(payload, gateway.public_key())
-        validator("command-result-body.json").validate(json.loads(env.unwrap(payload).body))
-        assert correlation == b"corr" and "app/alice/res" in topics
-        if result.id is not None:
-            assert Topics("car-1").command_result(result.id) in topics
-        if result.reason is not None:
-            assert documented[result.reason] == {result.status}, result.reason
-        seen.add((result.status, result.reason))
-    assert sink.sent[1][1] == sink.sent[2][1]  # the duplicate got the stored bytes
+    owner_kid = env.key_id(owner.public_key())
+    for payload, answers in h.answers.items():
+        for topics, wire, correlation in answers:
+            result = h.open(wire)
+            what = (result.status, result.reason)
+            # Every result names the payload it answers, also one stored long before.
+            assert result.req == env.request_digest(payload), f"{what}: req={result.req}"
+            validator("command-result.json").validate(json.loads(wire))
+            validator("command-result-body.json").validate(json.loads(env.unwrap(wire).body))
+            assert result.vehicle == "car-1" and correlation == b"corr", what
+            verified = result.reason not in UNVERIFIED
+            assert (result.key is not None) == verified, what
+            assert topics == ([Topics("car-1").command_result(result.id)] if verified
+                              else []) + [RESPONSE], what
+            if result.reason is not None:
+                assert documented[result.reason] == {result.status}, result.reason
+            if result.reason == "wrong_vehicle":
+                assert result.key == owner_kid
+            if result.reason == "unconfirmed":
+                assert result.detail == {"attempts": 1, "refused": "expired"}
+            seen.add(what)
+    assert h.answers[first][-2][1] == h.answers[first][-1][1]  # the duplicate: the stored bytes
     assert seen == {("accepted", None), ("succeeded", None), ("expired", "expired"),
                     ("failed", "transmit_failed"), ("failed", "timeout"),
-                    ("failed", "interrupted")} | {("rejected", r) for r in (
-                        "replayed", "controller_unavailable", "motion_unknown",
-                        "bad_arguments", "role_not_allowed", "unknown_key", "bad_signature",
-                        "wrong_vehicle", "malformed", "retained", "issued_in_future",
-                        "bad_validity", "predates_replay_cache", "rate_limited")}
+                    ("failed", "unconfirmed"), ("failed", "interrupted")} | {
+                        ("rejected", r) for r in (
+                            "replayed", "controller_unavailable", "motion_unknown",
+                            "bad_arguments", "role_not_allowed", "unknown_key",
+                            "bad_signature", "wrong_vehicle", "malformed", "retained",
+                            "issued_in_future", "bad_validity", "predates_replay_cache",
+                            "rate_limited", "key_expired")}
     envelope = Envelope("car-1", new_boot_id())
     events = Topics("car-1").events
-    for data in audit:
-        validate(events, envelope.stamp(events, clock.time(), event_body("command", data)))
-    assert {d["status"] for d in audit} == {"succeeded", "failed", "rejected", "expired"}
+    for data in h.audit:
+        validate(events, envelope.stamp(events, h.clock.time(), event_body("command", data)))
+    assert {d["status"] for d in h.audit} == {"succeeded", "failed", "rejected", "expired"}
+    assert {"reason": "wrong_vehicle", "key": owner_kid} in (
+        {"reason": d["reason"], "key": d["key"]} for d in h.audit)
+
+    # The "Stored" column: sent again, a stored result comes back byte for byte; an
+    # unstored answer is made anew (and signed at a later time).
+    stored = {ticked(row[0])[0]: row[2] == "yes" for row in table(TEXT, "reason-codes")}
+    for payload, answers in list(h.answers.items()):
+        last = answers[-1][1]
+        reason = h.open(last).reason
+        again = await h.send(payload, retain=payload in h.retained)
+        assert len(again) == 1, reason
+        if reason is None or stored[reason]:
+            assert again[0] == last, reason
+        else:
+            assert again[0] != last and h.open(again[0]).reason == reason, reason
+
+
+async def test_a_forged_copy_is_answered_with_its_own_req_and_never_on_cmd_res(harness):
+    h = harness
+    genuine = signed(h.owner, "reset-latches", {}, h.now())  # owner may not: stored refusal
+    mine = env.request_digest(genuine)
+    await h.send(genuine)
+    outer = json.loads(genuine)
+    outer["sig"] = env.b64url(bytes(64))
+    forged = json.dumps(outer).encode()
+    copied = signed(h.service, "reset-latches", {}, h.now(), command_id=command_id(genuine))
+    await h.send(forged)  # to the victim's response topic, as anyone reading cmd/req could
+    await h.send(copied)  # signed with another trusted key
+    counted = h.counters.get("commands.unanswerable")
+    assert await h.send(forged, response=None) == []  # MQTT 3.1.1: nowhere to answer
+    assert h.counters.get("commands.unanswerable") == counted + 1
+    results = {p: [(topics, h.open(w)) for topics, w, _ in a] for p, a in h.answers.items()}
+    [(topics, bad)] = results[forged]
+    assert (bad.id, bad.reason, bad.key, topics) == (
+        command_id(genuine), "bad_signature", None, [RESPONSE])
+    (topics, replayed), = results[copied]
+    assert (replayed.id, replayed.reason, topics[0]) == (
+        command_id(genuine), "replayed", Topics("car-1").command_result(command_id(genuine)))
+    # Every one of them is signed by the gateway and names the id; only req tells them apart.
+    answers_to_mine = [r for rs in results.values() for _, r in rs if r.req == mine]
+    assert [(r.status, r.reason) for r in answers_to_mine] == [("rejected", "role_not_allowed")]
+    assert bad.req == env.request_digest(forged) != mine
+    assert replayed.req == env.request_digest(copied) != mine
+    # Only a re-wrapped copy (the same body and signature, spaced out) is the same request:
+    # it gets the stored answer byte for byte, and that answer names the genuine payload.
+    rewrapped = json.dumps(json.loads(genuine), indent=1).encode()
+    assert rewrapped != genuine
+    assert await h.send(rewrapped) == [h.answers[genuine][0][1]]
+    assert h.open(h.answers[rewrapped][0][1]).req == mine
+
+
+async def test_unstored_answers_and_duplicates_share_one_budget(harness):
+    h = harness
+    stored = signed(h.owner, "reset-latches", {}, h.now())  # refused and stored
+    await h.send(stored)
+    budget = int(UNSTORED_ANSWER_RATE)
+    assert f"limited to {budget} answers per second" in " ".join(TEXT.split())
+    suppressed = h.counters.get("commands.answers_suppressed")
+    h.clock.advance(1.0)
+    burst = [b"junk"] * 3 + [stored] * budget
+    answered = [await h.send(payload, advance=0.0) for payload in burst]
+    assert [len(a) for a in answered] == [1] * budget + [0] * 3
+    assert h.counters.get("commands.answers_suppressed") == suppressed + 3
+    assert len(await h.send(stored, advance=1.0)) == 1  # the budget refills
+
+
+async def test_messages_over_the_size_limit_are_dropped_before_queueing(harness):
+    h = harness
+    largest, oversized = b"x" * env.MAX_PAYLOAD, b"x" * (env.MAX_PAYLOAD + 1)
+    await run_until_answered(h, [Incoming(oversized, False, RESPONSE, b"corr"),
+                                 Incoming(largest, False, RESPONSE, b"corr")], None)
+    # The queue is first in, first out: had the oversized one been queued, it would
+    # have been answered first.
+    first = h.open(h.sink.sent[0][1])
+    assert (first.reason, first.req) == ("malformed", env.request_digest(largest))
+    assert h.counters.get("commands.rejected.too_large") == 1
+
+
+def test_the_documented_limits_are_the_code_s():
+    flat = " ".join(TEXT.split())
+    assert f"The whole MQTT payload may be at most {env.MAX_PAYLOAD} bytes" in flat
+    assert f"over {env.MAX_PAYLOAD} bytes" in flat and "commands.rejected.too_large" in flat
+    assert MAX_INBOUND_PACKET == 1 << 20
+    assert f"at most 1 MiB (*Maximum Packet Size* {MAX_INBOUND_PACKET})" in flat
+    assert f"at most {LIVE_QUEUE} received messages" in flat
+    assert f"at most {Policy().queue} wait" in flat
+    assert f"*Message Expiry Interval* of {RESULT_EXPIRY} s" in flat

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import stat
@@ -16,6 +17,7 @@ from gateway.commands.envelope import b64url, key_id, raw_public_key
 from gateway.commands.keys import (
     COMMANDS,
     ROLES,
+    AuthorizedKey,
     KeyFile,
     gateway_key,
     generate_private_key,
@@ -121,6 +123,13 @@ def test_an_empty_file_has_no_keys(tmp_path):
      "unknown key"),
     (entry("owner", ALICE) + '[[key]]\nrole = 5\n', "role = 5", 0, "key[1].role",
      "expected a string"),
+    # A booking's end must be a moment, not a wall-clock reading in some unknown zone.
+    (entry("owner", ALICE) + entry("driver", BOB) + "not_after = 2027-01-31T18:00:00\n",
+     "not_after", 0, "key[1].not_after", "expected a date-time with an offset"),
+    (entry("driver", BOB) + 'not_after = "2027-01-31T18:00:00Z"\n', "not_after", 0,
+     "key[0].not_after", "expected a date-time with an offset"),
+    (entry("driver", BOB) + "not_after = 2027-01-31\n", "not_after", 0, "key[0].not_after",
+     "expected a date-time with an offset"),
 ])
 def test_errors_name_file_line_and_key(tmp_path, text, needle, nth, key, words):
     path = write(tmp_path / "keys.toml", text)
@@ -299,3 +308,41 @@ def test_key_entry_round_trips_through_the_file(tmp_path):
 def test_key_entry_with_a_newline_in_the_name(tmp_path):
     path = write(tmp_path / "keys.toml", key_entry("two\nlines", "owner", ALICE))
     assert load_keyring(path).keys[key_id(ALICE)].name == "two\nlines"
+
+
+END = datetime.datetime(2027, 1, 31, 18, 0, tzinfo=datetime.UTC)
+
+
+@pytest.mark.parametrize("written", ["2027-01-31T18:00:00Z", "2027-01-31T19:00:00+01:00",
+                                     "2027-01-31 18:00:00Z", "2027-01-31T13:00:00-05:00"])
+def test_not_after_is_an_offset_date_time(tmp_path, written):
+    text = entry("owner", ALICE) + entry("driver", BOB) + f"not_after = {written}\n"
+    ring = load_keyring(write(tmp_path / "keys.toml", text))
+    alice, bob = ring.keys[key_id(ALICE)], ring.keys[key_id(BOB)]
+    assert alice.not_after is None
+    assert bob.not_after == END.timestamp()
+
+
+def test_key_entry_round_trips_not_after_in_utc(tmp_path):
+    local = END.astimezone(datetime.timezone(datetime.timedelta(hours=1)))
+    fraction = END + datetime.timedelta(milliseconds=250)
+    text = (key_entry("booking 4711", "driver", BOB, not_after=local)
+            + key_entry("late", "driver", CAROL, not_after=fraction)
+            + key_entry("alice", "owner", ALICE))
+    assert "not_after = 2027-01-31T18:00:00Z\n" in text  # UTC, whatever the offset given
+    assert text.count("not_after") == 2
+    ring = load_keyring(write(tmp_path / "keys.toml", text))
+    assert ring.keys[key_id(BOB)].not_after == END.timestamp()
+    assert ring.keys[key_id(CAROL)].not_after == fraction.timestamp()
+    assert ring.keys[key_id(ALICE)].not_after is None
+
+
+def test_a_key_expires_only_after_its_not_after():
+    end = END.timestamp()
+    booking = AuthorizedKey(key_id(BOB), "booking", "driver", BOB, not_after=end)
+    assert not booking.expired(end - 3600)
+    assert not booking.expired(end)  # still valid at the very moment named
+    assert booking.expired(end + 0.001)
+    assert booking.expired(end + 86400 * 365)
+    forever = AuthorizedKey(key_id(ALICE), "alice", "owner", ALICE)
+    assert not forever.expired(end * 10)

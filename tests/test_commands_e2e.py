@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import aiomqtt
 import pytest
 
 from gateway.commands import envelope as env
+from gateway.commands.service import UNSTORED_ANSWER_RATE
 from hil.broker import Mosquitto
 from tests.command_rig import BODY_COMMAND, LOCK_PATHS, WAIT_S, CommandRig, eventually
 
@@ -42,7 +45,7 @@ async def test_unlock_lock_and_locate_act_once_each(rig: CommandRig) -> None:
     for cmd, locks, request in cases:
         before = len(rig.sent(BODY_COMMAND))
         sent = await rig.send(cmd)
-        results = await rig.results(sent.id)
+        results = await rig.results(sent)
         assert statuses(results) == [("accepted", None), ("succeeded", None)]
         final = results[-1]
         assert (final.vehicle, final.id, final.cmd, final.key) == ("car-1", sent.id, cmd, owner)
@@ -54,7 +57,7 @@ async def test_unlock_lock_and_locate_act_once_each(rig: CommandRig) -> None:
         assert len(frames) == 1
         assert rig.decode(frames[0])["GW_LockRequest"] == request
     sent = await rig.send("locate", {"mode": "horn"})
-    assert statuses(await rig.results(sent.id)) == [("accepted", None), ("succeeded", None)]
+    assert statuses(await rig.results(sent)) == [("accepted", None), ("succeeded", None)]
     assert rig.model.locate_requests == [2]
     decoded = [rig.decode(f) for f in rig.sent(BODY_COMMAND)]
     assert decoded[-1]["GW_LocateRequest"] == 2
@@ -66,7 +69,7 @@ async def test_unlock_lock_and_locate_act_once_each(rig: CommandRig) -> None:
 async def test_unconfirmed_command_is_sent_twice_then_times_out(rig: CommandRig) -> None:
     rig.ecus.ignore_body_commands = True
     sent = await rig.send("lock")
-    results = await rig.results(sent.id)
+    results = await rig.results(sent)
     assert statuses(results) == [("accepted", None), ("failed", "timeout")]
     assert results[-1].detail == {"attempts": 2}
     frames = rig.sent(BODY_COMMAND)
@@ -80,7 +83,7 @@ async def test_same_envelope_twice_acts_once_and_gets_the_same_bytes(rig: Comman
     sent = rig.sign("lock")
     await rig.publish(sent)
     await rig.publish(sent)  # while the first is still running
-    await rig.results(sent.id)
+    await rig.results(sent)
     await eventually(lambda: len(rig.answers(sent)) == 3, "three answers")
     payloads = [r.payload for r in rig.answers(sent)]
     # The copy is whichever result was stored when it came: the same signed bytes.
@@ -96,10 +99,11 @@ async def test_same_envelope_twice_acts_once_and_gets_the_same_bytes(rig: Comman
 
 async def test_mqtt5_response_topic_gets_results_with_correlation(rig: CommandRig) -> None:
     sent = await rig.send("lock", response_topic=rig.response_topic, correlation=b"\x00corr-7")
-    await rig.results(sent.id)
-    replies = await rig.replies_on(rig.response_topic, 2)
+    await rig.results(sent)
+    results = await rig.results(sent, topic=rig.response_topic)
+    assert [r.status for r in results] == ["accepted", "succeeded"]
+    replies = rig.on(rig.response_topic)
     assert [r.correlation for r in replies] == [b"\x00corr-7"] * 2
-    assert [rig.verified(r.payload).status for r in replies] == ["accepted", "succeeded"]
     # The same signed bytes as on cmd/res/{id}.
     assert [r.payload for r in replies] == [r.payload for r in rig.answers(sent)]
 
@@ -126,11 +130,11 @@ async def test_response_topic_of_another_vehicle_is_not_used(rig: CommandRig) ->
     foreign = "evgw/v1/car-2/cmd/res/mine"
     await rig.subscribe("evgw/v1/car-2/#")
     sent = await rig.send("lock", response_topic=foreign)
-    assert statuses(await rig.results(sent.id)) == [("accepted", None), ("succeeded", None)]
+    assert statuses(await rig.results(sent)) == [("accepted", None), ("succeeded", None)]
     assert rig.gateway.counter("commands.bad_response_topic") == 2
     # A later command's answer arrives after anything the first could have sent there.
     later = await rig.send("locate", key="fleet")
-    await rig.results(later.id)
+    await rig.results(later)
     assert rig.on(foreign) == []
 
 
@@ -142,11 +146,54 @@ async def test_key_over_its_burst_is_rate_limited(rig: CommandRig) -> None:
     assert rig.gateway.counter("commands.rejected.rate_limited") == 2
     # A retransmission takes no token: it still gets its stored result.
     await rig.publish(sent[0])
-    results = await rig.results(sent[0].id, count=2)
+    results = await rig.results(sent[0], count=2)
     assert [r.status for r in results if r.final] == ["succeeded", "succeeded"]
     # The limit is per key: the owner is not held back by the service key's burst.
     lock = await rig.send("lock")
     assert (await rig.final(lock)).status == "succeeded"
+    assert len(rig.sent(BODY_COMMAND)) == 1
+
+
+async def test_rate_limited_envelope_never_runs_later(broker: Mosquitto, tmp_path: Path
+                                                     ) -> None:
+    rig = CommandRig(broker, tmp_path)
+    # One command, then a token a minute: only a restart refills the bucket in time.
+    rig.settings = replace(rig.settings, commands=replace(
+        rig.settings.commands, burst=1, rate_per_minute=1.0))
+    async with rig:
+        await rig.until_motion()
+        assert (await rig.final(await rig.send("lock"))).status == "succeeded"
+        unlock = await rig.send("unlock")
+        await rig.refused(unlock, "rate_limited")
+        stored = rig.answers(unlock)[0].payload
+        await rig.restart()  # a full bucket again, and the answer read back from disk
+        await rig.until_motion()  # so that, were it run, this unlock would go through
+        await rig.publish(unlock)
+        await eventually(lambda: len(rig.answers(unlock)) == 2, "the stored answer")
+        assert rig.answers(unlock)[1].payload == stored
+        assert len(rig.sent(BODY_COMMAND)) == 1
+        assert rig.model.locks == [1, 1, 1]
+        assert rig.gateway.counter("commands.duplicate") == 1
+        # A new unlock goes through: the bucket had refilled.
+        assert (await rig.final(await rig.send("unlock"))).status == "succeeded"
+        assert rig.model.locks == [0, 0, 0]
+
+
+async def test_resent_envelope_is_answered_within_a_budget(rig: CommandRig) -> None:
+    sent = await rig.send("lock")
+    await rig.final(sent)
+    stored = rig.answers(sent)[-1].payload
+    started = time.monotonic()
+    await asyncio.gather(*(rig.publish(sent) for _ in range(20)))
+    await eventually(lambda: rig.gateway.counter("commands.duplicate") == 20, "20 duplicates")
+    elapsed = time.monotonic() - started
+    suppressed = rig.gateway.counter("commands.answers_suppressed")
+    assert suppressed > 0
+    answered = 20 - suppressed
+    await eventually(lambda: len(rig.answers(sent)) == 2 + answered, f"{answered} answers")
+    # A burst of 5, then 5 a second for as long as the re-sends took at most.
+    assert UNSTORED_ANSWER_RATE <= answered <= UNSTORED_ANSWER_RATE * (1 + elapsed), elapsed
+    assert {r.payload for r in rig.answers(sent)[2:]} == {stored}
     assert len(rig.sent(BODY_COMMAND)) == 1
 
 
@@ -159,7 +206,7 @@ async def test_authenticated_commands_are_audited(rig: CommandRig) -> None:
     lock = await rig.send("lock")
     await rig.final(lock)
     reuse = await rig.send("locate", key="fleet", command_id=lock.id)
-    await rig.results(reuse.id, count=2)
+    await rig.results(reuse, count=2)
     await eventually(lambda: len(rig.events("command")) >= 3, "three audit events")
     # Events leave in order, so anything for the forged command would be here by now.
     audit = [e["data"] for e in rig.events("command")]

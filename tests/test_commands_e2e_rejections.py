@@ -8,6 +8,7 @@ GW_BodyCommand frame; for unlock, the car must also stay locked.
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,10 +16,18 @@ from pathlib import Path
 import pytest
 
 from gateway.commands import envelope as env
-from gateway.commands.keys import key_entry
+from gateway.commands.keys import generate_private_key, key_entry
 from gateway.safety.verdicts import Motion
 from hil.broker import Mosquitto
-from tests.command_rig import BODY_COMMAND, CHARGE_CONTROL, SPEED, VEHICLE, CommandRig, Sent
+from tests.command_rig import (
+    BODY_COMMAND,
+    CHARGE_CONTROL,
+    SPEED,
+    VEHICLE,
+    CommandRig,
+    Sent,
+    eventually,
+)
 from tests.mqtt_helpers import retained
 
 LOCKED = [1, 1, 1]
@@ -67,8 +76,12 @@ async def test_command_for_another_vehicle(rig: CommandRig) -> None:
     sent = await rig.send("unlock", vehicle="car-2")
     result = await rig.refused(sent, "wrong_vehicle")
     assert result.detail == {"vehicle": "car-2"}
-    assert result.key == env.key_id(rig.keys["owner"].public_key()), "signature verified"
+    owner = env.key_id(rig.keys["owner"].public_key())
+    assert result.key == owner, "signature verified"
     assert rig.model.locks == LOCKED
+    await eventually(lambda: rig.events("command") != [], "the audit event")
+    [audit] = [e["data"] for e in rig.events("command")]
+    assert (audit["id"], audit["key"], audit["reason"]) == (sent.id, owner, "wrong_vehicle")
 
 
 async def test_expired_command(rig: CommandRig) -> None:
@@ -114,7 +127,7 @@ async def test_reused_id_with_another_envelope_is_replayed(rig: CommandRig) -> N
     assert len(rig.sent(BODY_COMMAND)) == 1
     await rig.until_motion()
     again = await rig.send("unlock", command_id=first.id)
-    results = await rig.results(again.id, count=2)
+    results = await rig.results(again, count=2)
     assert [(r.status, r.reason) for r in results] == [
         ("accepted", None), ("succeeded", None), ("rejected", "replayed")]
     assert len(rig.sent(BODY_COMMAND)) == 1
@@ -131,11 +144,10 @@ async def test_retained_command_is_refused_and_cleared(rig: CommandRig, broker: 
 
 
 async def test_malformed_json_is_answered_on_the_response_topic(rig: CommandRig) -> None:
-    await rig.publish(b"{not json", response_topic=rig.response_topic, correlation=b"c-1")
-    [reply] = await rig.replies_on(rig.response_topic)
-    result = rig.verified(reply.payload)
-    assert (result.id, result.status, result.reason) == (None, "rejected", "malformed")
-    assert reply.correlation == b"c-1"
+    sent = await rig.publish(b"{not json", correlation=b"c-1")
+    result = await rig.refused(sent, "malformed")
+    assert result.id is None
+    assert [r.correlation for r in rig.on(rig.response_topic)] == [b"c-1"]
     assert rig.sent(BODY_COMMAND) == []
     assert rig.gateway.counter("commands.rejected.malformed") == 1
 
@@ -174,6 +186,100 @@ async def test_key_removed_while_running_is_unknown(rig: CommandRig) -> None:
                    for role, k in rig.keys.items() if role != "driver")
     rig.keys_file.write_text(kept)  # as `ev-gateway keys remove` would, no restart
     sent = await rig.send("lock", key="driver")
-    results = await rig.results(sent.id)
-    assert [(r.status, r.reason) for r in results] == [("rejected", "unknown_key")]
+    await rig.refused(sent, "unknown_key")
     assert len(rig.sent(BODY_COMMAND)) == 1  # the locate before the removal
+
+
+async def test_forged_copy_cannot_answer_for_the_real_command(rig: CommandRig) -> None:
+    forger = "forger/res"
+    await rig.subscribe(forger)
+    real = rig.sign("lock")
+    # Anyone on the broker can copy a command off cmd/req and send it on first, with the
+    # same id and a signature of their own: its refusal must not pass for the real result.
+    forged = await rig.publish(Sent(real.id, env.wrap(env.unwrap(real.payload).body,
+                                                      bytes(64))), response_topic=forger)
+    [answer] = await rig.results(forged, topic=forger)
+    assert (answer.status, answer.reason, answer.key) == ("rejected", "bad_signature", None)
+    assert answer.req == forged.req != real.req
+    assert rig.answers(real) == []
+    await rig.publish(real)
+    results = await rig.results(real)
+    assert [(r.status, r.reason, r.req) for r in results] == [
+        ("accepted", None, real.req), ("succeeded", None, real.req)]
+    assert [r.payload for r in rig.responses(real)] == [r.payload for r in rig.answers(real)]
+    assert rig.responses(forged) == []
+    assert len(rig.on(forger)) == 1
+    assert len(rig.sent(BODY_COMMAND)) == 1
+
+
+async def test_oversized_message_is_dropped_unanswered(rig: CommandRig) -> None:
+    good = rig.sign("lock")
+    # A valid envelope padded with JSON whitespace: were it read, it would lock the car.
+    big = await rig.publish(Sent(good.id, good.payload + b" " * (5000 - len(good.payload))))
+    await eventually(lambda: rig.gateway.counter("commands.rejected.too_large") == 1,
+                     "the oversized message dropped")
+    lock = await rig.send("lock")
+    assert (await rig.final(lock)).status == "succeeded"
+    # Answers leave in order: one for the big message would have come before these.
+    assert rig.responses(big) == []
+    assert rig.answers(big) == []
+    assert len(rig.sent(BODY_COMMAND)) == 1
+
+
+async def test_arguments_of_the_wrong_type_do_not_stop_the_service(rig: CommandRig) -> None:
+    modes: list[object] = [[], 5]  # a list cannot be hashed, a number is no mode name
+    for mode in modes:
+        sent = await rig.send("locate", {"mode": mode})
+        result = await rig.refused(sent, "bad_arguments")
+        assert result.detail is not None and "horn" in result.detail["error"]
+    lock = await rig.send("lock")
+    assert (await rig.final(lock)).status == "succeeded"
+    assert rig.gateway.counter("commands.internal_error") == 0
+
+
+async def test_rewrapped_copy_sent_first_leaves_the_real_sender_its_answer(rig: CommandRig
+                                                                          ) -> None:
+    real = rig.sign("lock")
+    # Same body and signature, one more space: authentic, the same request as the real one.
+    rewrapped = Sent(real.id, b" " + real.payload)
+    assert rewrapped.payload != real.payload and rewrapped.req == real.req
+    copy = await rig.publish(rewrapped, response_topic=False)
+    final = await rig.final(copy)
+    assert final.status == "succeeded"
+    stored = rig.answers(copy)[-1].payload
+    await rig.publish(real)
+    await eventually(lambda: rig.responses(real) != [], "the answer to the real bytes")
+    # The real sender gets the stored result, and it names the real sender's own request,
+    # so a client that insists on its req (as `ev-gateway command` does) believes it.
+    [reply] = rig.responses(real)
+    assert reply.payload == stored
+    answer = rig.verified(reply.payload)
+    assert (answer.id, answer.status, answer.req) == (real.id, "succeeded", real.req)
+    assert len(rig.sent(BODY_COMMAND)) == 1  # the copy ran the lock; the real bytes did not
+    assert rig.gateway.counter("commands.duplicate") == 1
+
+
+async def test_key_past_its_not_after_is_refused_while_a_current_one_works(
+        rig: CommandRig, tmp_path: Path) -> None:
+    # Two car-sharing bookings, both driver keys: one ended an hour ago, one runs on.
+    now = datetime.datetime.now(datetime.UTC)
+    ended = generate_private_key(tmp_path / "ended.key")
+    current = generate_private_key(tmp_path / "current.key")
+    with rig.keys_file.open("a") as keys:  # as `ev-gateway keys add --not-after` would
+        keys.write(key_entry("booking-ended", "driver", ended.public_key(),
+                             not_after=now - datetime.timedelta(hours=1)))
+        keys.write(key_entry("booking-current", "driver", current.public_key(),
+                             not_after=now + datetime.timedelta(hours=1)))
+    await rig.until_motion()  # so that nothing but the key's end can refuse the unlock
+    sent = await rig.send("unlock", signer=ended)
+    result = await rig.refused(sent, "key_expired")
+    assert (result.key, result.detail) == (env.key_id(ended.public_key()), None)
+    assert rig.model.locks == LOCKED
+    assert rig.gateway.counter("commands.rejected.key_expired") == 1
+    ok = await rig.send("unlock", signer=current)
+    assert (await rig.final(ok)).status == "succeeded"
+    assert rig.model.locks == [0, 0, 0]
+    assert len(rig.sent(BODY_COMMAND)) == 1
+    await eventually(lambda: len(rig.events("command")) == 2, "two audit events")
+    audit = {e["data"]["name"]: e["data"]["reason"] for e in rig.events("command")}
+    assert audit == {"booking-ended": "key_expired", "booking-current": None}

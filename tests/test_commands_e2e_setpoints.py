@@ -50,7 +50,7 @@ def limits(rig: CommandRig) -> list[int]:
 async def test_charge_limit_is_applied_and_kept_past_the_bms_fallback(rig: CommandRig) -> None:
     assert rig.model.charge_limit == 100
     sent = await rig.send("charge-limit", {"soc": 80})
-    results = await rig.results(sent.id)
+    results = await rig.results(sent)
     assert statuses(results) == [("accepted", None), ("succeeded", None)]
     assert rig.model.charge_limit == 80
     assert rig.gateway.slot(CHARGE_LIMIT).reading() == (80, True)
@@ -85,7 +85,7 @@ async def test_speed_profile_while_parked(rig: CommandRig) -> None:
     before = len(cap_requests(rig))
     assert set(cap_requests(rig)) <= {NO_CAP}  # the gateway keeps saying "no cap"
     sent = await rig.send("speed-profile", {"profile": "valet"})
-    assert statuses(await rig.results(sent.id)) == [("accepted", None), ("succeeded", None)]
+    assert statuses(await rig.results(sent)) == [("accepted", None), ("succeeded", None)]
     assert rig.model.speed_cap_kmh == 20
     requests = cap_requests(rig)
     assert 20 not in requests[:before]
@@ -113,7 +113,7 @@ async def test_reset_latches_needs_the_service_role(rig: CommandRig) -> None:
     result = await rig.refused(denied, "role_not_allowed")
     assert result.detail == {"role": "owner"}
     sent = await rig.send("reset-latches", key="service")
-    results = await rig.results(sent.id)
+    results = await rig.results(sent)
     assert statuses(results) == [("accepted", None), ("succeeded", None)]
     assert results[-1].key == env.key_id(rig.keys["service"].public_key())
     assert results[-1].detail == {"released": []}

@@ -4,6 +4,7 @@ and payloads, and the schemas reject payloads that break it."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import json
 import re
@@ -17,7 +18,7 @@ from gateway.alerts.model import Alert, Severity
 from gateway.commands import envelope as cmd_env
 from gateway.decode import load_dbc
 from gateway.mqtt import payloads as p
-from gateway.mqtt.link import RESULT_EXPIRY
+from gateway.mqtt.link import MAX_INBOUND_PACKET, RESULT_EXPIRY
 from gateway.mqtt.topics import GROUPS, Topics
 from gateway.state import SignalView
 from tests.conftest import DBC, ROOT, frame
@@ -135,6 +136,9 @@ def test_operations_publish_each_channel_with_the_documented_delivery():
         assert (mqtt["qos"], mqtt["retain"]) == (1, False)
     assert DOC["operations"]["publishCommandResult"]["bindings"]["mqtt"][
         "messageExpiryInterval"] == RESULT_EXPIRY
+    # The MQTT 5 Maximum Packet Size the gateway asks for when it connects.
+    assert DOC["servers"]["broker"]["bindings"]["mqtt"]["maximumPacketSize"] \
+        == MAX_INBOUND_PACKET
     topics = [T.status, T.telemetry, T.backfill, T.alerts, T.alerts_active, T.events,
               *(T.state(g) for g in GROUPS)]
     # The retained topics are exactly those the gateway owns and re-asserts.
@@ -403,6 +407,9 @@ def command(cmd: str = "lock", args: dict[str, Any] | None = None) -> cmd_env.Co
                            cmd_env.key_id(SENDER.public_key()))
 
 
+REQ = cmd_env.request_digest(cmd_env.sign_command(command(), SENDER))
+
+
 @pytest.mark.parametrize(("cmd", "args"), [
     ("lock", {}), ("unlock", {}), ("locate", {}), ("locate", {"mode": "horn"}),
     ("charge-limit", {"soc": 80}), ("charge-limit", {"soc": 50.0}),
@@ -420,13 +427,15 @@ def test_signed_commands_validate_and_parse_back(cmd, args):
     ("succeeded", None, {"released": []}), ("failed", "timeout", {"attempts": 2, "reported": None}),
     ("failed", "interrupted", None), ("rejected", "vehicle_moving", {"motion": ["moving"]}),
     ("rejected", "malformed", {"error": "not JSON"}), ("expired", "expired", None),
+    ("failed", "unconfirmed", {"attempts": 1, "refused": "vehicle_moving"}),
+    ("rejected", "rate_limited", None),
 ])
 def test_signed_results_validate_and_open(status, reason, detail):
     broken = reason == "malformed"
     result = cmd_env.Result("car-1", None if broken else command().id,
-                            None if broken or reason == "interrupted" else "lock", status, reason,
+                            None if broken else "lock", status, reason,
                             1_700_000_000_412, cmd_env.key_id(GATEWAY.public_key()),
-                            None if broken else command().kid, detail)
+                            None if broken else command().kid, detail, REQ)
     payload = cmd_env.sign_result(result, GATEWAY)
     assert validate_signed("command-result.json", payload)["status"] == status
     assert cmd_env.open_result(payload, GATEWAY.public_key()) == result
@@ -488,12 +497,60 @@ def test_wrappers_the_gateway_refuses_break_the_schemas(wrapper, change):
     lambda r: r.update(status="rejected", reason="oops"), lambda r: r.update(id=None),
     lambda r: r.update(detail={}), lambda r: r.update(key="ABCDEF0123456789"),
     lambda r: r.pop("at_ms"), lambda r: r.update(status="done"), lambda r: r.update(extra=1),
+    lambda r: r.pop("req"), lambda r: r.update(req=None), lambda r: r.update(req=REQ.upper()),
+    lambda r: r.update(req=REQ[:31]), lambda r: r.update(req=REQ + "0"),
+    lambda r: r.update(status="rejected", reason="unconfirmed"),
 ])
 def test_broken_result_bodies_are_rejected(change):
     result = cmd_env.Result("car-1", command().id, "lock", "succeeded", None, 1_700_000_000_412,
                             cmd_env.key_id(GATEWAY.public_key()), command().kid,
-                            {"attempts": 1}).body()
+                            {"attempts": 1}, REQ).body()
     validator("command-result-body.json").validate(result)
     change(result)
     with pytest.raises(ValidationError):
         validator("command-result-body.json").validate(result)
+
+
+def test_req_is_the_truncated_sha256_of_body_then_signature():
+    payload = cmd_env.sign_command(command(), SENDER)
+    signed = cmd_env.unwrap(payload)
+    assert re.fullmatch(r"[0-9a-f]{32}", REQ)
+    assert hashlib.sha256(signed.body + signed.sig).hexdigest()[:32] == REQ
+    assert hashlib.sha256(payload).hexdigest()[:32] != REQ
+    # The same body and signature in another wrapper are the same request...
+    outer = json.loads(payload)
+    spaced = json.dumps(outer, indent=1).encode()
+    padded = json.dumps({**outer, "sig": outer["sig"] + "=="}).encode()
+    for rewrapped in (spaced, padded, b" " + payload):
+        assert rewrapped != payload and cmd_env.unwrap(rewrapped) == signed
+        assert cmd_env.request_digest(rewrapped) == REQ
+    # ...another signature or another body is not.
+    forged = cmd_env.wrap(signed.body, bytes(64))
+    other = cmd_env.sign_command(command("unlock"), SENDER)
+    assert len({REQ, cmd_env.request_digest(forged), cmd_env.request_digest(other)}) == 3
+
+
+@pytest.mark.parametrize("payload", [b"{not json", b"", b'{"v":1,"body":"e30","sig":"x"}',
+                                     b"x" * (cmd_env.MAX_PAYLOAD + 1)])
+def test_req_of_a_payload_that_is_no_wrapper_digests_its_raw_bytes(payload):
+    with pytest.raises(cmd_env.Malformed):
+        cmd_env.unwrap(payload)
+    assert cmd_env.request_digest(payload) == hashlib.sha256(payload).hexdigest()[:32]
+
+
+def test_req_of_a_wrapper_around_a_broken_body_still_digests_body_and_signature():
+    wire = cmd_env.wrap(b"not a command", bytes(range(64)))
+    assert cmd_env.request_digest(wire) == hashlib.sha256(
+        b"not a command" + bytes(range(64))).hexdigest()[:32]
+
+
+def test_a_result_without_req_still_opens_but_breaks_the_schema():
+    result = cmd_env.Result("car-1", command().id, "lock", "succeeded", None, 1_700_000_000_412,
+                            cmd_env.key_id(GATEWAY.public_key()), command().kid)
+    body = result.body()
+    body.pop("req")
+    raw = json.dumps(body).encode()
+    payload = cmd_env.wrap(raw, GATEWAY.sign(cmd_env.RESULT_CONTEXT + raw))
+    assert cmd_env.open_result(payload, GATEWAY.public_key()).req is None
+    with pytest.raises(ValidationError, match="'req' is a required property"):
+        validator("command-result-body.json").validate(body)

@@ -162,7 +162,7 @@ async def send(broker: Broker, command: env.Command, key: Ed25519PrivateKey, *,
             req = env.request_digest(payload)
             async with asyncio.timeout(timeout):
                 async for message in client.messages:
-                    result = _result(message, command.id, correlation, gateway_key, req)
+                    result = _result(message, command, correlation, gateway_key, req)
                     if result is None:
                         continue
                     print(json.dumps(result.body()) if as_json else describe(result),
@@ -182,7 +182,7 @@ async def send(broker: Broker, command: env.Command, key: Ed25519PrivateKey, *,
     return NO_RESULT
 
 
-def _result(message: aiomqtt.Message, command_id: str, correlation: bytes,
+def _result(message: aiomqtt.Message, command: env.Command, correlation: bytes,
             gateway_key: Ed25519PublicKey | None, req: str) -> env.Result | None:
     """The result in ``message`` if it answers our own payload (and verifies); else None.
 
@@ -199,7 +199,7 @@ def _result(message: aiomqtt.Message, command_id: str, correlation: bytes,
     except env.Malformed as exc:
         _warn(f"ignoring a result on {message.topic}: {exc}")
         return None
-    if result.id != command_id:
+    if result.id != command.id or result.vehicle != command.vehicle:
         return None
     if result.req != req:
         _warn(f"ignoring a result on {message.topic} that answers another payload "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import os
 import re
 import shlex
@@ -62,6 +63,9 @@ def add_parser(sub: Any) -> None:
                         "(after --, as it may begin with -)")
     a.add_argument("--role", required=True, help="owner, driver, fleet, service, or a [roles] one")
     a.add_argument("--name", help="a name for people (default: the key id)")
+    a.add_argument("--not-after", metavar="DATETIME",
+                   help="the key stops working after this ISO 8601 time with an offset, "
+                        "e.g. 2027-01-31T18:00:00Z (a car-sharing booking)")
     a.add_argument("--keys", required=True, metavar="KEYSFILE", help="authorized-keys TOML")
     a.set_defaults(handler=add)
     ls = keys.add_parser("list", help="show the authorised keys and what each may do")
@@ -167,10 +171,26 @@ def add(args: argparse.Namespace) -> int:
         text = HEADER
     elif not text.endswith("\n"):
         text += "\n"
-    new = replace_file(path, text + key_entry(name, args.role, public))
+    new = replace_file(path, text + key_entry(name, args.role, public,
+                                              _until(args.not_after)))
     added = new.keys[kid]
-    print(f"added {kid} {added.name!r} as {added.role}: {', '.join(new.roles[added.role])}")
+    until = "" if added.not_after is None else f" until {args.not_after}"
+    print(f"added {kid} {added.name!r} as {added.role}{until}: "
+          f"{', '.join(new.roles[added.role])}")
     return 0
+
+
+def _until(text: str | None) -> datetime.datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        value = None
+    if value is None or value.tzinfo is None:
+        raise ConfigError("--not-after", f"expected an ISO 8601 time with an offset, e.g. "
+                                         f"2027-01-31T18:00:00Z, got {text!r}")
+    return value
 
 
 def list_keys(args: argparse.Namespace) -> int:
@@ -180,7 +200,10 @@ def list_keys(args: argparse.Namespace) -> int:
     if not ring.keys:
         print(f"no keys in {path}")
     for key in ring.keys.values():
-        print(f"{key.kid}  {key.role:<8}  {key.name:<20}  {', '.join(ring.roles[key.role])}")
+        until = "" if key.not_after is None else "  until " + datetime.datetime.fromtimestamp(
+            key.not_after, datetime.UTC).isoformat().replace("+00:00", "Z")
+        print(f"{key.kid}  {key.role:<8}  {key.name:<20}  {', '.join(ring.roles[key.role])}"
+              f"{until}")
     return 0
 
 

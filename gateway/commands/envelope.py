@@ -78,8 +78,18 @@ def key_id(key: Ed25519PublicKey) -> str:
 
 
 def request_digest(payload: bytes) -> str:
-    """The first 16 bytes of SHA-256 over a command's wire payload, as 32 hex digits."""
-    return hashlib.sha256(payload).hexdigest()[:32]
+    """Which request a result answers: the first 16 bytes of SHA-256 over the body bytes
+    followed by the 64 signature bytes, as 32 hex digits.
+
+    Body and signature, not the wrapper: a copy re-wrapped with other spacing is the
+    same authentic request, while a copy with a forged signature or an altered body is
+    not. For a payload that is not even a wrapper, the digest covers the raw bytes.
+    """
+    try:
+        signed = unwrap(payload)
+    except Malformed:
+        return hashlib.sha256(payload).hexdigest()[:32]
+    return hashlib.sha256(signed.body + signed.sig).hexdigest()[:32]
 
 
 def new_command_id() -> str:
@@ -197,8 +207,8 @@ class Result:
     """The id of the key that signed the command, once it was verified."""
     detail: dict[str, Any] | None = None
     req: str | None = None
-    """:func:`request_digest` of the payload this answers: a client accepts a result only
-    for the bytes it sent itself."""
+    """:func:`request_digest` of the request this answers: a client accepts a result only
+    for the body and signature it sent itself."""
 
     def body(self) -> dict[str, Any]:
         """The body as a JSON object."""

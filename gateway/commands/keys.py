@@ -19,6 +19,7 @@ force; a file that was deleted revokes every key.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -60,6 +61,12 @@ class AuthorizedKey:
     name: str
     role: str
     key: Ed25519PublicKey
+    not_after: float | None = None
+    """Epoch seconds after which the key may no longer command (a car-sharing booking)."""
+
+    def expired(self, now: float) -> bool:
+        """Whether the key's validity ended before ``now``."""
+        return self.not_after is not None and now > self.not_after
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,7 @@ def load_keyring(path: Path) -> KeyRing:
     keys: dict[str, AuthorizedKey] = {}
     for index, entry in enumerate(raw_keys):
         t = Table(entry, str(path), source, "key", index, f"key[{index}]")
-        t.check_keys(["name", "role", "public_key", "id"])
+        t.check_keys(["name", "role", "public_key", "id", "not_after"])
         role = t.req_str("role")
         if role not in roles:
             t.fail("role", f"unknown role {role!r}; roles: {', '.join(roles)}")
@@ -136,7 +143,8 @@ def load_keyring(path: Path) -> KeyRing:
             t.fail("id", f"does not match the key: its id is {kid}")
         if kid in keys:
             t.fail("public_key", f"key {kid} is listed twice")
-        keys[kid] = AuthorizedKey(kid, t.opt_str("name") or kid, role, public)
+        keys[kid] = AuthorizedKey(kid, t.opt_str("name") or kid, role, public,
+                                  _not_after(t))
     return KeyRing(MappingProxyType(keys), MappingProxyType(roles))
 
 
@@ -221,10 +229,24 @@ def gateway_key(path: Path) -> Ed25519PrivateKey:
     return load_private_key(path)
 
 
-def key_entry(name: str, role: str, key: Ed25519PublicKey) -> str:
+def key_entry(name: str, role: str, key: Ed25519PublicKey,
+              not_after: datetime.datetime | None = None) -> str:
     """A ``[[key]]`` table for the authorized-keys file."""
+    until = "" if not_after is None else \
+        f"not_after = {not_after.astimezone(datetime.UTC).isoformat().replace('+00:00', 'Z')}\n"
     return (f'\n[[key]]\nname = "{_toml_escape(name)}"\nrole = "{role}"\n'
-            f'public_key = "{b64url(raw_public_key(key))}"\nid = "{key_id(key)}"\n')
+            f'public_key = "{b64url(raw_public_key(key))}"\nid = "{key_id(key)}"\n{until}')
+
+
+def _not_after(t: Table) -> float | None:
+    value = t.data.get("not_after")
+    if value is None:
+        return None
+    # A date-time with an offset only: a local time would depend on the head unit's zone.
+    if not isinstance(value, datetime.datetime) or value.tzinfo is None:
+        t.fail("not_after", f"expected a date-time with an offset, e.g. "
+                            f"2027-01-31T18:00:00Z, got {value!r}")
+    return value.timestamp()
 
 
 def _toml_escape(text: str) -> str:

@@ -11,8 +11,9 @@ the first that fails answers with its reason and nothing reaches the bus:
 4. the key's rate limit (``rate_limited``);
 5. validity: ``expired`` (past ``expires_at`` + skew), ``issued_in_future``,
    ``bad_validity`` (longer than ``max_lifetime_s``), ``predates_replay_cache``;
-6. the role (``role_not_allowed``), the vehicle (``not_supported``), the
-   arguments (``bad_arguments``, ``controller_unavailable``);
+6. the key's validity (``key_expired``), the role (``role_not_allowed``),
+   the vehicle (``not_supported``), the arguments (``bad_arguments``,
+   ``controller_unavailable``);
 7. interlocks (``vehicle_moving``, ``motion_unknown``).
 
 Then the id is recorded, ``accepted`` is answered and the command runs;
@@ -262,6 +263,8 @@ class CommandService:
         return None
 
     def _permitted(self, key: AuthorizedKey, command: env.Command) -> Outcome | None:
+        if key.expired(self._clock.time()):
+            return rejected("key_expired")
         if not self.keys.current().allows(key, command.cmd):
             return rejected("role_not_allowed", role=key.role)
         action = self.actions.get(command.cmd)
@@ -315,8 +318,14 @@ class CommandService:
     async def _finish_interrupted(self) -> None:
         """Answer commands a previous run accepted but never finished."""
         for record in await self.cache.unfinished():
-            result = env.Result(self.topics.vehicle_id, record.id, None, "failed",
-                                "interrupted", self._now_ms(), self.kid, record.kid)
+            try:  # the stored "accepted" names the command and the request it answered
+                accepted = env.open_result(record.result, None)
+            except env.Malformed:
+                accepted = None
+            result = env.Result(self.topics.vehicle_id, record.id,
+                                accepted.cmd if accepted else None, "failed", "interrupted",
+                                self._now_ms(), self.kid, record.kid, None,
+                                accepted.req if accepted else None)
             await self.cache.update(record.id, self._sign(result), True)
             self._counters.inc("commands.failed.interrupted")
             log.warning("commands: %s was interrupted by a restart; answered failed", record.id)
