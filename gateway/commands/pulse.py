@@ -45,14 +45,11 @@ class Pulse:
         self._clock = clock
         self._confirmations = confirmations
         self._lock = lock  # one command at a time per message: sequence values stay in order
-        self._encoder = guard.encoder(spec.message, bus)
-        signals = {s.name: s for s in self._encoder.message.signals}
         used = set(spec.signals) | {n for m in spec.modes.values() for n in m}
         if spec.sequence is not None:
             used.add(spec.sequence)
-        unknown = sorted(used - set(signals))
-        if unknown:
-            raise ValueError(f"{spec.message} has no signal {', '.join(unknown)}")
+        self._encoder = guard.encoder(spec.message, bus, used)
+        signals = {s.name: s for s in self._encoder.message.signals}
         paths = [p for p in (spec.ack, *spec.confirm) if p is not None]
         missing = [p for p in paths if p not in store]
         if missing:

@@ -55,11 +55,7 @@ class SpeedCap:
         self._alerts = alerts
         self._clock = clock
         self._state_file = state_file
-        self._encoder = guard.encoder(spec.message, bus)
-        names = {s.name for s in self._encoder.message.signals}
-        unknown = sorted({spec.signal, *spec.fixed} - names)
-        if unknown:
-            raise ValueError(f"{spec.message} has no signal {', '.join(unknown)}")
+        self._encoder = guard.encoder(spec.message, bus, {spec.signal, *spec.fixed})
         if spec.report is not None and spec.report not in store:
             raise ValueError(f"report {spec.report} is not mapped by the profile")
         for cap in (None, *spec.profiles.values()):

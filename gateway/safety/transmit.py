@@ -14,7 +14,7 @@ command or speed cap is never hand-assembled bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import can
@@ -134,13 +134,19 @@ class TransmitGuard:
         """Whether ``message`` may be sent on ``bus`` at all."""
         return any(a.bus == bus and a.name == message for a in self._allowed.values())
 
-    def encoder(self, message: str, bus: str | None = None) -> FrameEncoder:
-        """An encoder for an allow-listed message (KeyError for any other)."""
+    def encoder(self, message: str, bus: str | None = None, signals: Iterable[str] = ()
+                ) -> FrameEncoder:
+        """An encoder for an allow-listed message (KeyError for any other) that carries
+        every one of ``signals`` (ValueError naming those it lacks)."""
         bus = bus or self._profile.buses[0].name
         if not self.allowed(bus, message):
             raise KeyError(f"{message} is not allow-listed on bus {bus}")
-        return FrameEncoder(self._profile, self._plans[bus].by_name[message],
-                            self._profile.messages.get(message))
+        encoder = FrameEncoder(self._profile, self._plans[bus].by_name[message],
+                               self._profile.messages.get(message))
+        unknown = sorted(set(signals) - {s.name for s in encoder.message.signals})
+        if unknown:
+            raise ValueError(f"{message} has no signal {', '.join(unknown)}")
+        return encoder
 
     def attach(self, bus: str, get_bus: Callable[[], can.BusABC | None]) -> None:
         """Where frames for ``bus`` go: a callable returning the open bus (or None)."""
