@@ -45,7 +45,7 @@ from mqtt_rig import PROFILE, median, percentile, until
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.app import Commands, Pipeline, Publishing, Safety
+from gateway.app import Gateway, Safety
 from gateway.clock import SystemClock
 from gateway.commands import envelope as env
 from gateway.commands.keys import generate_private_key, key_entry, load_private_key
@@ -174,35 +174,27 @@ async def gateway(work: Path, broker: Mosquitto, owner: Ed25519PrivateKey
     (work / "state").mkdir()
     profile = load_profile(PROFILE)
     clock = SystemClock()
-    pipeline = Pipeline.build(profile, clock)
     settings = with_overrides(default_settings(VEHICLE, profile.file, work / "state"),
                               host=broker.host, port=broker.port, keys=keys)
     # The per-key limit (20/min by default) would refuse most rounds: lift it.
     settings = dataclasses.replace(settings, commands=dataclasses.replace(
         settings.commands, rate_per_minute=600_000.0, burst=1000))
-    safety = Safety.build(pipeline, settings.state_dir)
-    commands = Commands.build(pipeline, safety, settings.state_dir)
-    pub = Publishing.build(pipeline, settings)
-    commands.serve(pipeline, safety, pub, settings)
-    await pub.launch()
+    gw = Gateway.build(profile, clock, settings, settings.state_dir)
     stop = asyncio.Event()
     channel = f"bench-commands-{os.getpid()}"
     sim_bus = open_sim_bus("virtual", channel)
     ecus = VehicleEcus(VehicleModel(mode="park", soc=70))
     sim = asyncio.create_task(run_vehicle(sim_bus, ecus, clock, stop))
     try:
-        safety.start(pipeline.start_live(pipeline.bus_options({"vehicle": f"virtual:{channel}"})))
-        await commands.start(clock, live=True)
-        await asyncio.wait_for(pub.link.connected_event.wait(), 15)
-        yield load_private_key(settings.gateway_key_path), safety, ecus
+        await gw.start(gw.pipeline.bus_options({"vehicle": f"virtual:{channel}"}))
+        assert gw.publishing is not None
+        await asyncio.wait_for(gw.publishing.link.connected_event.wait(), 15)
+        yield load_private_key(settings.gateway_key_path), gw.safety, ecus
     finally:
         stop.set()
         await sim
         close_quietly(sim_bus)
-        await commands.stop()
-        await safety.stop()
-        await pub.stop()
-        await pipeline.stop()
+        await gw.stop()
 
 
 @dataclasses.dataclass

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.app import Commands, Pipeline, Publishing, Safety, run_until, stop_event
+from gateway.app import Gateway, run_until, stop_event
 from gateway.cli.watch import watch
 from gateway.clock import SystemClock
 from gateway.commands.keys import generate_private_key, key_entry
@@ -51,9 +51,7 @@ async def _demo(args: argparse.Namespace) -> int:
         return 1
     clock = SystemClock()
     profile = load_profile(args.profile)
-    pipeline = Pipeline.build(profile, clock)
     channel = "ev-gateway-demo"
-    options = pipeline.bus_options({profile.buses[0].name: f"virtual:{channel}"})
     stop = stop_event(args.duration)
     with tempfile.TemporaryDirectory(prefix="ev-gateway-demo-") as tmp, \
             Mosquitto(Path(tmp) / "broker", nodelay=True) as broker:
@@ -61,13 +59,10 @@ async def _demo(args: argparse.Namespace) -> int:
         settings = with_overrides(
             default_settings(DEMO_VEHICLE, Path(args.profile), Path(tmp) / "state"),
             host=broker.host, port=broker.port, keys=keys)
-        safety = Safety.build(pipeline)
-        if args.speed_cap and safety.speed_cap is not None:
-            safety.speed_cap.select(args.speed_cap)
-        commands = Commands.build(pipeline, safety, settings.state_dir)
-        publishing = Publishing.build(pipeline, settings)
-        commands.serve(pipeline, safety, publishing, settings)
-        await publishing.launch()
+        settings.state_dir.mkdir()
+        gateway = Gateway.build(profile, clock, settings, settings.state_dir)
+        if args.speed_cap and gateway.safety.speed_cap is not None:
+            gateway.safety.speed_cap.select(args.speed_cap)
         cli = Path(sys.executable).parent / "ev-gateway"
         print(f"hil demo: send a signed command from another terminal:\n  {cli} command "
               f"lock --vehicle {DEMO_VEHICLE} --key {Path(tmp) / 'owner.key'} --broker "
@@ -76,16 +71,13 @@ async def _demo(args: argparse.Namespace) -> int:
         sim_bus = open_sim_bus("virtual", channel)
         ecus = VehicleEcus(VehicleModel(mode=args.mode, soc=args.soc))
         sim = asyncio.create_task(run_vehicle(sim_bus, ecus, clock, stop))
-        safety.start(pipeline.start_live(options))
-        await commands.start(clock, live=True)
+        await gateway.start(gateway.pipeline.bus_options(
+            {profile.buses[0].name: f"virtual:{channel}"}))
         viewer = asyncio.create_task(watch(broker.host, broker.port, DEMO_VEHICLE, stop))
         try:
-            await run_until(stop, pipeline)
+            await run_until(stop, gateway)
         finally:
             stop.set()
-            await commands.stop()
-            await safety.stop()
-            await publishing.stop()
             await viewer
             await sim
             close_quietly(sim_bus)

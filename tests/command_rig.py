@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.app import Commands, Pipeline, Publishing, Safety
+from gateway import app
 from gateway.clock import SystemClock
 from gateway.commands import envelope as env
 from gateway.commands.keys import (
@@ -112,28 +112,15 @@ UNVERIFIED = frozenset({"retained", "malformed", "unknown_key", "bad_signature"}
 topic, since anyone can copy a command id off cmd/req."""
 
 
-@dataclass
-class Gateway:
-    """One in-process gateway run, wired as ``ev-gateway run`` wires it."""
-
-    pipeline: Pipeline
-    safety: Safety
-    commands: Commands
-    publishing: Publishing
+class Gateway(app.Gateway):
+    """One in-process gateway run, wired as ``ev-gateway run`` wires it, with lookups."""
 
     @classmethod
-    async def start(cls, profile: Profile, settings: Settings, channel: str) -> Gateway:
+    async def open(cls, profile: Profile, settings: Settings, channel: str) -> Gateway:
         """Build every stage, connect to the broker, read the virtual bus ``channel``."""
-        clock = SystemClock()
-        pipeline = Pipeline.build(profile, clock)
-        safety = Safety.build(pipeline, settings.state_dir)
-        commands = Commands.build(pipeline, safety, settings.state_dir)
-        publishing = Publishing.build(pipeline, settings)
-        commands.serve(pipeline, safety, publishing, settings)
-        await publishing.launch()
-        safety.start(pipeline.start_live(pipeline.bus_options({"vehicle": f"virtual:{channel}"})))
-        await commands.start(clock, live=True)
-        return cls(pipeline, safety, commands, publishing)
+        gateway = cls.build(profile, SystemClock(), settings, settings.state_dir)
+        await gateway.start(gateway.pipeline.bus_options({"vehicle": f"virtual:{channel}"}))
+        return gateway
 
     def slot(self, path: str) -> SignalState:
         """The state store's slot of ``path``."""
@@ -142,13 +129,6 @@ class Gateway:
     def counter(self, name: str) -> int:
         """A health counter of this run."""
         return self.pipeline.counters.get(name)
-
-    async def stop(self) -> None:
-        """Stop as the daemon does: commands first, the pipeline last."""
-        await self.commands.stop()
-        await self.safety.stop()
-        await self.publishing.stop()
-        await self.pipeline.stop()
 
 
 class CommandRig:
@@ -230,10 +210,11 @@ class CommandRig:
         """Start a gateway on the rig's state directory; return once it hears commands
         and holds fresh vehicle state."""
         assert self._gateway is None
-        gateway = self._gateway = await Gateway.start(self.profile, self.settings, self.channel)
+        gateway = self._gateway = await Gateway.open(self.profile, self.settings, self.channel)
         # As a phone would hold it: the .pub written beside the key the gateway created.
         self._gateway_key = parse_public_key(
             public_path(self.settings.gateway_key_path).read_text())
+        assert gateway.publishing is not None  # the rig always gives settings
         boot = gateway.publishing.envelope.boot_id
         # The start event leaves through the outbox, which drains only after the link
         # subscribed to cmd/req: once it is here, a command will be heard.

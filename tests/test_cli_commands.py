@@ -19,7 +19,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.app import Commands, Pipeline, Publishing, Safety
+from gateway.app import Gateway
 from gateway.cli import build_parser, command, main
 from gateway.clock import SystemClock
 from gateway.commands.envelope import (
@@ -307,46 +307,39 @@ async def running_gateway(tmp_path: Path, broker: Mosquitto, keys: Path,
     still. :meth:`Rig.argv` commands ``VEHICLE`` whichever car the gateway is."""
     clock = SystemClock()
     profile = load_profile(REF_PROFILE)
-    pipeline = Pipeline.build(profile, clock)
     state = tmp_path / "state"
     state.mkdir()
     settings = with_overrides(default_settings(vehicle, profile.file, state),
                               host=broker.host, port=broker.port, keys=keys)
-    safety = Safety.build(pipeline, state)
-    commands = Commands.build(pipeline, safety, state)
-    pub = Publishing.build(pipeline, settings)
-    commands.serve(pipeline, safety, pub, settings)
+    gateway = Gateway.build(profile, clock, settings, state)
+    assert gateway.publishing is not None
+    link = gateway.publishing.link
     subscribed = asyncio.Event()
-    birth = pub.link.on_connect
+    birth = link.on_connect
 
     def on_connect() -> None:  # called once the command topic is subscribed
         if birth is not None:
             birth()
         subscribed.set()
 
-    pub.link.on_connect = on_connect
-    await pub.launch()
+    link.on_connect = on_connect
     channel = f"cli-commands-{uuid.uuid4().hex}"
     sim_bus = open_sim_bus("virtual", channel)
     ecus = VehicleEcus(model or VehicleModel(mode="park", soc=70))
     stop = asyncio.Event()
     sim = asyncio.create_task(run_vehicle(sim_bus, ecus, clock, stop))
     try:
-        safety.start(pipeline.start_live(pipeline.bus_options({"vehicle": f"virtual:{channel}"})))
-        await commands.start(clock, live=True)
+        await gateway.start(gateway.pipeline.bus_options({"vehicle": f"virtual:{channel}"}))
         async with asyncio.timeout(READY_TIMEOUT):
             await subscribed.wait()
-            while safety.monitor.verdicts.motion is not Motion.STATIONARY:
+            while gateway.safety.monitor.verdicts.motion is not Motion.STATIONARY:
                 await asyncio.sleep(0.05)
         yield Rig(broker, ecus, state)
     finally:
         stop.set()
         await sim
         close_quietly(sim_bus)
-        await commands.stop()
-        await safety.stop()
-        await pub.stop()
-        await pipeline.stop()
+        await gateway.stop()
 
 
 async def cli(argv: list[str]) -> int:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.app import Commands, Pipeline, Publishing, Safety, run_until, stop_event
+from gateway.app import Gateway, Pipeline, run_until, stop_event
 from gateway.cli import view
 from gateway.cli.watch import split_broker
 from gateway.clock import Clock, SystemClock
@@ -98,35 +98,30 @@ def run(args: argparse.Namespace) -> int:
         profile_path = load_settings(args.config).profile
     profile = load_profile(profile_path)
     clock = SystemClock()
-    pipeline = Pipeline.build(profile, clock)
     state_dir = settings.state_dir if settings else (Path(args.state_dir) if args.state_dir
                                                      else None)
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True)
-    safety = Safety.build(pipeline, state_dir)
+    gateway = Gateway.build(profile, clock, settings, state_dir)
+    speed_cap = gateway.safety.speed_cap
     if args.speed_cap:
-        if safety.speed_cap is None:
+        if speed_cap is None:
             raise SystemExit(f"ev-gateway run: profile {profile.name} has no [safety.speed_cap]")
         name = None if args.speed_cap == "none" else args.speed_cap
         try:
-            safety.speed_cap.select(name)
+            speed_cap.select(name)
         except KeyError:
             raise SystemExit(f"ev-gateway run: no speed-cap profile {args.speed_cap!r}; "
-                             f"profiles: {', '.join(safety.speed_cap.spec.profiles)}") from None
-    commands = Commands.build(pipeline, safety, state_dir)
-    options = pipeline.bus_options(parse_overrides(args.bus))
-    return asyncio.run(_main(args, pipeline, safety, commands, options, clock, settings))
+                             f"profiles: {', '.join(speed_cap.spec.profiles)}") from None
+    options = gateway.pipeline.bus_options(parse_overrides(args.bus))
+    return asyncio.run(_main(args, gateway, options, clock))
 
 
-async def _main(args: argparse.Namespace, pipeline: Pipeline, safety: Safety,
-                commands: Commands, options: Any, clock: Clock, settings: Settings | None
+async def _main(args: argparse.Namespace, gateway: Gateway, options: Any, clock: Clock
                 ) -> int:
     stop = stop_event(args.duration)
-    publishing = None
-    if settings is not None:
-        publishing = Publishing.build(pipeline, settings)
-        commands.serve(pipeline, safety, publishing, settings)
-        await publishing.launch()
+    pipeline = gateway.pipeline
+    await gateway.start(None if args.replay else options)
     if args.replay:
         bus = args.replay_bus or pipeline.profile.buses[0].name
 
@@ -137,18 +132,8 @@ async def _main(args: argparse.Namespace, pipeline: Pipeline, safety: Safety,
                 stop.set()
 
         pipeline.tasks.append(asyncio.create_task(replay(), name="replay"))
-        safety.start()
-    else:
-        safety.start(pipeline.start_live(options))
-    await commands.start(clock, live=not args.replay)
     screen = LiveScreen(pipeline, clock) if args.view else None
-    try:
-        await run_until(stop, pipeline, screen.refresh if screen else None)
-    finally:
-        await commands.stop()
-        await safety.stop()
-        if publishing is not None:
-            await publishing.stop()
+    await run_until(stop, gateway, screen.refresh if screen else None)
     if screen:
         await screen.refresh(force=True)
     return 0
