@@ -1,0 +1,97 @@
+"""One gateway: every stage, started and stopped in dependency order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+import can
+
+from gateway.app.commands import Commands
+from gateway.app.pipeline import Pipeline
+from gateway.app.publishing import Publishing
+from gateway.app.safety import Safety
+from gateway.can import BusOptions, open_bus
+from gateway.clock import Clock
+from gateway.config import Profile
+from gateway.config.settings import Settings
+
+
+def stop_event(duration: float | None = None) -> asyncio.Event:
+    """An event set by SIGINT/SIGTERM, or after ``duration`` seconds; call inside the loop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # platforms without signal handlers
+            loop.add_signal_handler(sig, stop.set)
+    if duration:
+        loop.call_later(duration, stop.set)
+    return stop
+
+
+@dataclass
+class Gateway:
+    """Every stage of one gateway, started and stopped in the order they depend on.
+
+    Build, adjust (select a speed cap, hook the link), then start: the command
+    topic is wired before the link connects, and on the way down commands stop
+    first, while the pipeline can still confirm what they sent.
+    """
+
+    pipeline: Pipeline
+    safety: Safety
+    commands: Commands
+    publishing: Publishing | None
+
+    @classmethod
+    def build(cls, profile: Profile, clock: Clock, settings: Settings | None,
+              state_dir: Path | None) -> Self:
+        """Every stage for ``profile``; MQTT (and remote commands) only with ``settings``.
+        Opens nothing; raises ConfigError for bad configuration."""
+        pipeline = Pipeline.build(profile, clock)
+        safety = Safety.build(pipeline, state_dir)
+        commands = Commands.build(pipeline, safety, state_dir)
+        publishing = None
+        if settings is not None:
+            publishing = Publishing.build(pipeline, settings)
+            commands.serve(pipeline, safety, publishing, settings)
+        return cls(pipeline, safety, commands, publishing)
+
+    async def start(self, options: Sequence[BusOptions] | None,
+                    opener: Callable[[BusOptions], can.BusABC] = open_bus) -> None:
+        """Publish, then read ``options``' buses (None: no live bus, e.g. a replay)."""
+        if self.publishing is not None:
+            await self.publishing.launch()
+        sources = self.pipeline.start_live(options, opener) if options is not None else []
+        self.safety.start(sources)
+        await self.commands.start(self.pipeline.clock, live=options is not None)
+
+    async def stop(self) -> None:
+        """Stop every stage: commands first, the pipeline last."""
+        await self.commands.stop()
+        await self.safety.stop()
+        if self.publishing is not None:
+            await self.publishing.stop()
+        await self.pipeline.stop()
+
+
+async def run_until(
+    stop: asyncio.Event,
+    gateway: Gateway,
+    periodic: Callable[[], Awaitable[None]] | None = None,
+    interval: float = 0.25,
+) -> None:
+    """Run ``periodic`` every ``interval`` seconds until ``stop`` is set, then stop
+    ``gateway``."""
+    try:
+        while not stop.is_set():
+            if periodic is not None:
+                await periodic()
+            await gateway.pipeline.clock.sleep(interval)
+    finally:
+        await gateway.stop()
