@@ -4,17 +4,22 @@
   runs the reference vehicle on a bus until Ctrl-C.
 - ``python -m hil demo`` runs the vehicle, the gateway and a private mosquitto
   in one process: vehicle -> python-can virtual bus -> gateway -> broker ->
-  a live view that reads only MQTT, as a fleet operator would.
+  a live view that reads only MQTT, as a fleet operator would. The car's GNSS
+  receiver talks NMEA over a real pseudo-terminal, and the car drives a loop
+  around a geofence, parks, and drives again, so trips come out.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from gateway.app import Gateway, run_until, stop_event
@@ -22,9 +27,11 @@ from gateway.cli.watch import watch
 from gateway.clock import SystemClock
 from gateway.commands.keys import generate_private_key, key_entry
 from gateway.config import ConfigError, load_profile
+from gateway.config.location import GeofenceSpec, GnssSettings, InsightSettings, LocationSettings
 from gateway.config.settings import default_settings, with_overrides
 from hil.broker import INSTALL_HINT, Mosquitto, find_mosquitto
 from hil.sim import VehicleEcus, VehicleModel
+from hil.sim.gnss import NmeaSimulator, run_receiver
 from hil.sim.runner import close_quietly, open_sim_bus, run_vehicle
 
 DEMO_VEHICLE = "demo-001"
@@ -60,6 +67,9 @@ async def _demo(args: argparse.Namespace) -> int:
             default_settings(DEMO_VEHICLE, Path(args.profile), Path(tmp) / "state"),
             host=broker.host, port=broker.port, keys=keys)
         settings.state_dir.mkdir()
+        gnss_master, gnss_slave = os.openpty()
+        ecus = VehicleEcus(VehicleModel(mode=args.mode, soc=args.soc))
+        settings = replace(settings, location=demo_location(os.ttyname(gnss_slave), ecus.model))
         gateway = Gateway.build(profile, clock, settings, settings.state_dir)
         if args.speed_cap and gateway.safety.speed_cap is not None:
             gateway.safety.speed_cap.select(args.speed_cap)
@@ -69,8 +79,11 @@ async def _demo(args: argparse.Namespace) -> int:
               f"{broker.host}:{broker.port} --gateway-key {settings.gateway_key_path}.pub",
               file=sys.stderr)
         sim_bus = open_sim_bus("virtual", channel)
-        ecus = VehicleEcus(VehicleModel(mode=args.mode, soc=args.soc))
         sim = asyncio.create_task(run_vehicle(sim_bus, ecus, clock, stop))
+        receiver = asyncio.create_task(
+            run_receiver(gnss_master, NmeaSimulator(ecus.model), clock, stop))
+        script = asyncio.create_task(drive_and_park(ecus.model, stop)) \
+            if args.mode == "drive" else None
         await gateway.start(gateway.pipeline.bus_options(
             {profile.buses[0].name: f"virtual:{channel}"}))
         viewer = asyncio.create_task(watch(broker.host, broker.port, DEMO_VEHICLE, stop))
@@ -80,8 +93,39 @@ async def _demo(args: argparse.Namespace) -> int:
             stop.set()
             await viewer
             await sim
+            await receiver
+            if script is not None:
+                await script
             close_quietly(sim_bus)
+            os.close(gnss_master)
+            os.close(gnss_slave)
     return 0
+
+
+DEMO_DRIVE_S = 75.0
+DEMO_PARK_S = 35.0
+
+
+def demo_location(device: str, model: VehicleModel) -> LocationSettings:
+    """GNSS on ``device``, a geofence around where the car starts, and a trip that ends
+    after 20 s parked (a real car would use minutes), so the demo shows trips quickly."""
+    home = GeofenceSpec("home", "circle", center=(model.lat, model.lon), radius_m=150.0)
+    return LocationSettings(
+        gnss=GnssSettings(enabled=True, device=device, baud=115200),
+        geofences=(home,),
+        insights=InsightSettings(trip_end_park_s=20.0, energy_price_per_kwh=0.30,
+                                 currency="EUR"))
+
+
+async def drive_and_park(model: VehicleModel, stop: asyncio.Event) -> None:
+    """Drive for a while, park long enough to end the trip, and again, until ``stop``."""
+    while not stop.is_set():
+        for mode, seconds in (("drive", DEMO_DRIVE_S), ("park", DEMO_PARK_S)):
+            model.mode = mode
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), seconds)
+            if stop.is_set():
+                return
 
 
 def _demo_keys(workdir: Path) -> Path:

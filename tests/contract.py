@@ -107,6 +107,9 @@ def schema_name_for(topic: str) -> str:
         t.alerts: "alerts.json",
         t.alerts_active: "alerts-active.json",
         t.events: "events.json",
+        t.location: "location.json",
+        t.last_trip: "trips-last.json",
+        t.last_charge: "charging-last.json",
         **{t.state(group): "state.json" for group in GROUPS},
     }
     try:

@@ -7,20 +7,37 @@ import copy
 import hashlib
 import inspect
 import json
+import logging
+import math
 import re
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, ValidationError
 
+from gateway.alerts import AlertBook
 from gateway.alerts.model import Alert, Severity
+from gateway.clock import ManualClock
 from gateway.commands import envelope as cmd_env
+from gateway.config.location import GeofenceSpec, InsightSettings
 from gateway.decode import load_dbc
+from gateway.gnss.fix import Fix
+from gateway.gnss.geo import EARTH_RADIUS_M
+from gateway.health import Counters, RateLimitedLog
+from gateway.insights.charging import ChargeRecorder
+from gateway.insights.geofence import Geofences
+from gateway.insights.parked import ALERT_KEY, IGNITION, LATITUDE, MovedWhileParked
+from gateway.insights.sessions import ChargeSession, Trip
+from gateway.insights.trips import TripRecorder
 from gateway.mqtt import payloads as p
 from gateway.mqtt.link import MAX_INBOUND_PACKET, RESULT_EXPIRY
 from gateway.mqtt.topics import GROUPS, Topics
-from gateway.state import SignalView
+from gateway.state import CATALOG, SignalState, SignalView, StateStore, lookup
 from tests.conftest import DBC, ROOT, frame
 from tests.contract import (
     asyncapi,
@@ -31,6 +48,7 @@ from tests.contract import (
     validate,
     validator,
 )
+from tests.insight_sim import InsightSim
 
 DOC = asyncapi()
 DOCS = ROOT / "docs"
@@ -38,7 +56,8 @@ PLACEHOLDER = "vehicle-id-placeholder"
 T = Topics("car-1")
 NOW = 1_700_000_000.0
 TB = "Vehicle.Powertrain.TractionBattery"
-KINDS = ["status", "telemetry", "backfill", "state", "alerts", "alerts_active", "events"]
+KINDS = ["status", "telemetry", "backfill", "state", "alerts", "alerts_active", "events",
+         "location", "trips_last", "charging_last"]
 GOOD = [
     SignalView("Vehicle.Speed", 42.5, "km/h", NOW - 0.02, True, False, "motion"),
     SignalView("Vehicle.Body.CommandAckSeq", 7, "", NOW - 5, True, False, "body"),
@@ -49,6 +68,13 @@ GOOD = [
 ]
 ALERT = Alert("bms.cell_overvoltage", Severity.CRITICAL, "Cell voltage high", NOW,
               signal=f"{TB}.CellVoltage.Max", value=3.71, limit=3.65, source_ts=NOW - 0.01)
+FIX = Fix(NOW - 0.2, NOW - 1, "THREE_D", 48.858370123, 2.294481349, 35.24, 31.477, 87.53, 11,
+          0.93)
+TRIP = Trip("trip-1", NOW - 1800.1234, NOW - 45.5, 1754.6234, 14.2, "odometer", 1391.6123,
+            1588.14, 196.53, 98.001, 81.0, 68.9, 12.1, 72.5, 10234.5, 10248.7,
+            (48.858370123, 2.294481349), (48.8462218, 2.3371605), 0.4175, "EUR")
+SESSION = ChargeSession("charge-1", NOW - 15800, NOW - 0.25, 15799.75, 68.9, 100.0, 3612.449,
+                        37.3111, 1650.23, 1, "unplugged", 1.0837, "EUR")
 
 
 COMMAND_SCHEMAS = {"commandRequest": "command-request.json",
@@ -85,6 +111,9 @@ def built(kind: str) -> tuple[str, dict[str, Any]]:
         "alerts": (T.alerts, p.alert_body("raised", ALERT.as_dict())),
         "alerts_active": (T.alerts_active, p.active_alerts_body([ALERT.as_dict()])),
         "events": (T.events, p.event_body("mode_changed", {"from": None, "to": "park"})),
+        "location": (T.location, p.location_body(FIX.as_dict())),
+        "trips_last": (T.last_trip, p.record_body("trip", TRIP.as_dict())),
+        "charging_last": (T.last_charge, p.record_body("session", SESSION.as_dict())),
     }
     topic, body = bodies[kind]
     return topic, env.stamp(topic, NOW, body)
@@ -140,11 +169,13 @@ def test_operations_publish_each_channel_with_the_documented_delivery():
     assert DOC["servers"]["broker"]["bindings"]["mqtt"]["maximumPacketSize"] \
         == MAX_INBOUND_PACKET
     topics = [T.status, T.telemetry, T.backfill, T.alerts, T.alerts_active, T.events,
-              *(T.state(g) for g in GROUPS)]
+              T.location, T.last_trip, T.last_charge, *(T.state(g) for g in GROUPS)]
     # The retained topics are exactly those the gateway owns and re-asserts.
     assert {t for t in topics if delivery(t)[1]} == set(T.owned_retained())
-    assert delivery(T.telemetry) == (0, False)
-    assert {delivery(t)[0] for t in topics if t != T.telemetry} == {1}
+    # Only the live topics may lose messages; everything else goes through the outbox.
+    live = {T.telemetry, T.location}
+    assert {delivery(t) for t in live} == {(0, False)}
+    assert {delivery(t)[0] for t in topics if t not in live} == {1}
 
 
 def test_message_payloads_reference_existing_schemas_that_the_helper_uses():
@@ -187,6 +218,29 @@ def test_examples_in_the_asyncapi_document_are_valid():
                 validate(topic, payload)
                 count += 1
     assert count >= len(DOC["channels"])
+
+
+def test_the_signal_catalog_in_the_profile_guide_matches_the_code():
+    # The state topics carry catalog signals: every one is listed with its unit, kind and group.
+    rows = re.findall(r"^\| `(Vehicle\.[^`]+)` \| ([^|]+) \| (\w+) \| (\w+) \|",
+                      (DOCS / "profiles.md").read_text(encoding="utf-8"), re.MULTILINE)
+    documented = {path: (unit.strip(), kind, group) for path, unit, kind, group in rows}
+    no_unit = "\N{EN DASH}"
+    assert documented == {e.path: (e.unit or no_unit, e.kind, e.group) for e in CATALOG.values()}
+
+
+@pytest.mark.parametrize("guide", ["mqtt.md", "insights.md", "configuration.md", "profiles.md"])
+def test_the_guides_links_resolve(guide):
+    links = re.findall(r"\]\(([\w./-]*)(?:#([\w-]+))?\)",
+                       (DOCS / guide).read_text(encoding="utf-8"))
+    assert links
+    for target, anchor in links:
+        path = DOCS / (target or guide)
+        assert path.exists(), f"{guide}: {target}"
+        if anchor:
+            heads = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), re.MULTILINE)
+            slugs = {re.sub(r"[^\w -]", "", h.lower()).replace(" ", "-") for h in heads}
+            assert anchor in slugs, f"{guide}: {target}#{anchor}"
 
 
 def test_the_guide_topic_table_matches_the_asyncapi_document():
@@ -273,6 +327,230 @@ def test_events_known_and_unknown(kind, data):
     assert validate(T.events, env.stamp(T.events, NOW, p.event_body(kind, data)))["type"] == kind
 
 
+# --- position, trips, charging sessions, geofences --------------------------------------------
+
+def _fix(fix_type: str = "THREE_D", **fields: Any) -> Fix:
+    """FIX with some fields replaced; without a fix, every position field is None."""
+    values: dict[str, Any] = {"fix_type": fix_type}
+    if fix_type == "NONE":
+        values.update(lat=None, lon=None, alt=None, speed_kmh=None, heading=None, hdop=None)
+    return replace(FIX, **values, **fields)
+
+
+@pytest.mark.parametrize("fix", [
+    FIX,
+    _fix("TWO_D", alt=None, satellites=4, hdop=4.2),
+    _fix("NONE", satellites=2),
+    _fix("NONE", satellites=None, utc=None),
+    _fix(utc=None, heading=None, speed_kmh=0.0),
+    _fix(lat=-33.8567844, lon=-151.2152967, alt=-12.0, heading=359.99),
+    _fix(lat=90.0, lon=-180.0, hdop=0.0),
+])
+def test_location_bodies_from_real_fixes(fix):
+    env = p.Envelope("car-1", p.new_boot_id())
+    sent = validate(T.location, env.stamp(T.location, NOW, p.location_body(fix.as_dict())))
+    position = sent["position"]
+    assert position == fix.as_dict()
+    assert (position["lat"] is None) == (position["lon"] is None) == (not fix.valid)
+    assert position["accuracy"] == fix.accuracy_m
+
+
+@given(st.sampled_from(["TWO_D", "THREE_D"]), st.floats(-90, 90), st.floats(-180, 180),
+       st.none() | st.floats(-500, 9000), st.none() | st.floats(0, 400),
+       st.none() | st.floats(0, 359.999), st.none() | st.integers(0, 99),
+       st.none() | st.floats(0, 99.9))
+def test_any_fix_in_range_makes_a_valid_location(fix_type, lat, lon, alt, speed, heading,
+                                                 satellites, hdop):
+    fix = Fix(NOW, None, fix_type, lat, lon, alt, speed, heading, satellites, hdop)
+    env = p.Envelope("car-1", "0123456789abcdef")
+    assert validate(T.location, env.stamp(T.location, NOW, p.location_body(fix.as_dict())))
+
+
+UNMEASURED = Trip("trip-2", NOW - 60, NOW, 60.0, 0.0, None, 0.0, 0.0, 0.0, None, None, None,
+                  None, None, None, None, None, None)
+
+
+@pytest.mark.parametrize("trip", [TRIP, UNMEASURED])
+def test_a_trip_as_retained_record_and_as_event(trip):
+    env = p.Envelope("car-1", p.new_boot_id())
+    record = validate(T.last_trip, env.stamp(T.last_trip, NOW, p.record_body("trip",
+                                                                              trip.as_dict())))
+    event = validate(T.events, env.stamp(T.events, NOW, p.event_body("trip", trip.as_dict())))
+    # The two carry the same object, as the guide promises.
+    assert record["trip"] == event["data"] == trip.as_dict()
+    assert record["trip"]["start_position"] in ([48.8583701, 2.2944813], None)
+
+
+@pytest.mark.parametrize("session", [
+    SESSION,
+    ChargeSession("charge-2", NOW - 400, NOW, 400.0, None, None, 0.0, 0.0, 0.0, 0, "stopped"),
+    ChargeSession("charge-3", NOW - 9, NOW, 9.0, 55.0, 55.5, 12.5, 0.13, 1400.0, 3,
+                  "gateway_restart", None, ""),
+])
+def test_a_charging_session_as_retained_record_and_as_event(session):
+    env = p.Envelope("car-1", p.new_boot_id())
+    body = p.record_body("session", session.as_dict())
+    record = validate(T.last_charge, env.stamp(T.last_charge, NOW, body))
+    event = validate(T.events, env.stamp(T.events, NOW,
+                                         p.event_body("charge_session", session.as_dict())))
+    assert record["session"] == event["data"] == session.as_dict()
+
+
+def test_a_simulated_drive_and_charge_publish_records_that_follow_the_contract():
+    # The real recorders on a simulated car, published as the wiring does: event + record.
+    sim = InsightSim()
+    env = p.Envelope("car-1", p.new_boot_id())
+    sent: list[tuple[str, dict[str, Any]]] = []
+
+    def publish(kind: str, topic: str, key: str, data: Mapping[str, Any]) -> None:
+        for where, body in ((T.events, p.event_body(kind, data)),
+                            (topic, p.record_body(key, data))):
+            sent.append((where, validate(where, env.stamp(where, sim.now, body))))
+
+    settings = InsightSettings(trip_end_park_s=60.0, charge_end_s=60.0,
+                               energy_price_per_kwh=0.3, currency="EUR")
+    trips = TripRecorder(sim.store, sim.meter, sim.clock, settings,
+                         lambda t: publish("trip", T.last_trip, "trip", t.as_dict()))
+    charges = ChargeRecorder(sim.store, sim.meter, sim.clock, settings,
+                             lambda c: publish("charge_session", T.last_charge, "session",
+                                               c.as_dict()))
+    sim.each_second += [trips.update, charges.update]
+    sim.fix_listeners.append(trips.on_fix)
+    sim.drive(60)
+    sim.park(70)
+    sim.charge(30)
+    sim.park(2, bus_awake=True)
+    assert [topic for topic, _ in sent] == [T.events, T.last_trip, T.events, T.last_charge]
+    (_, trip_event), (_, last_trip), (_, charge_event), (_, last_charge) = sent
+    assert trip_event["data"] == last_trip["trip"]
+    assert charge_event["data"] == last_charge["session"]
+    assert last_trip["trip"]["distance_source"] == "odometer"
+    assert last_trip["trip"]["currency"] == last_charge["session"]["currency"] == "EUR"
+    assert last_charge["session"]["end_reason"] == "unplugged"
+
+
+def test_event_data_may_grow_but_retained_records_may_not():
+    env = p.Envelope("car-1", p.new_boot_id())
+    grown = {**TRIP.as_dict(), "added_later": 1}
+    assert validate(T.events, env.stamp(T.events, NOW, p.event_body("trip", grown)))
+    with pytest.raises(ValidationError, match="added_later"):
+        validate(T.last_trip, env.stamp(T.last_trip, NOW, p.record_body("trip", grown)))
+
+
+M_PER_DEG_LAT = math.pi * EARTH_RADIUS_M / 180.0
+
+
+def test_geofence_events_of_the_real_tracker_follow_the_contract():
+    clock = ManualClock()
+    sent: list[dict[str, Any]] = []
+    env = p.Envelope("car-1", p.new_boot_id())
+
+    def sink(kind: str, data: Mapping[str, Any]) -> None:
+        sent.append(validate(T.events, env.stamp(T.events, clock.time(),
+                                                 p.event_body(kind, data))))
+
+    depot = GeofenceSpec("depot", "circle", center=FIX.position, radius_m=200.0)
+    fences = Geofences([depot], sink, clock, Counters(),
+                       RateLimitedLog(logging.getLogger("test.contract"), clock), max_hdop=5.0)
+    for inside_m in (150, 150, -60, -60, 100, 100):  # known inside, exited, entered
+        clock.advance(1.0)
+        north = (200.0 - inside_m) / M_PER_DEG_LAT
+        assert FIX.lat is not None
+        fences.on_fix(_fix(received=clock.time(), lat=FIX.lat + north))
+    assert [(e["type"], e["data"]["fence"]) for e in sent] == [
+        ("geofence_exited", "depot"), ("geofence_entered", "depot")]
+    exited, entered = (e["data"] for e in sent)
+    assert exited["distance_m"] == pytest.approx(-60.0, abs=0.2)
+    assert entered["distance_m"] == pytest.approx(100.0, abs=0.2)
+    # The sign is part of the contract: an "entered" outside the fence is refused.
+    wrong = env.stamp(T.events, NOW, p.event_body("geofence_entered", exited))
+    with pytest.raises(ValidationError):
+        validate(T.events, wrong)
+
+
+class _AlertPayloads:
+    """An AlertSink that builds and checks what the durable path would publish."""
+
+    def __init__(self) -> None:
+        self.env = p.Envelope("car-1", p.new_boot_id())
+        self.sent: list[dict[str, Any]] = []
+
+    def alert(self, transition: str, alert: Alert) -> None:
+        body = p.alert_body(transition, alert.as_dict())
+        self.sent.append(validate(T.alerts, self.env.stamp(T.alerts, NOW, body)))
+
+    def active_alerts(self, alerts: Any) -> None:
+        body = p.active_alerts_body(a.as_dict() for a in alerts)
+        validate(T.alerts_active, self.env.stamp(T.alerts_active, NOW, body))
+
+
+def test_the_moved_while_parked_alert_follows_the_contract():
+    clock = ManualClock()
+    store = StateStore()
+    for path in (IGNITION, LATITUDE):
+        entry = lookup(path)
+        assert entry is not None
+        store.register(SignalState(path, entry.unit, entry.kind, entry.group, 2.0))
+    payloads = _AlertPayloads()
+    parked = MovedWhileParked(store, AlertBook(clock, payloads), clock, 100.0, max_hdop=5.0)
+    store.slot(IGNITION).set("OFF", clock.time())
+    parked.update(clock.time())
+    assert FIX.lat is not None
+    for north_m in (0.0, 400.0, 420.0):  # the anchor, then towed away
+        clock.advance(1.0)
+        parked.on_fix(_fix(received=clock.time(), lat=FIX.lat + north_m / M_PER_DEG_LAT))
+    store.slot(IGNITION).set("ON", clock.time())
+    parked.update(clock.time())
+    assert [(a["transition"], a["alert"]["key"], a["alert"]["severity"])
+            for a in payloads.sent] == [("raised", ALERT_KEY, "critical"),
+                                        ("cleared", ALERT_KEY, "critical")]
+
+
+GATEWAY_SIGNALS = {
+    "Vehicle.CurrentLocation.Latitude": FIX.lat,
+    "Vehicle.CurrentLocation.Longitude": FIX.lon,
+    "Vehicle.CurrentLocation.Altitude": FIX.alt,
+    "Vehicle.CurrentLocation.Heading": FIX.heading,
+    "Vehicle.CurrentLocation.Speed": FIX.speed_kmh,
+    "Vehicle.CurrentLocation.HorizontalAccuracy": FIX.accuracy_m,
+    "Vehicle.CurrentLocation.Timestamp": FIX.utc_iso(),
+    "Vehicle.CurrentLocation.GNSSReceiver.FixType": FIX.fix_type,
+    "Vehicle.CurrentLocation.GNSSReceiver.SatellitesUsed": FIX.satellites,
+    "Vehicle.CurrentLocation.GNSSReceiver.HDOP": FIX.hdop,
+    f"{TB}.EquivalentFullCycles": 12.37,
+    f"{TB}.Estimate.Capacity": 116.9,
+    f"{TB}.Estimate.StateOfHealth": 97.4,
+    f"{TB}.Estimate.Consumption": 101.2,
+    f"{TB}.Estimate.Range": 83.5,
+    f"{TB}.CellVoltage.Spread": 14.0,
+    f"{TB}.CellVoltage.SpreadTrend": -0.6,
+}
+
+
+def test_gateway_computed_signals_in_state_and_backfill():
+    store = StateStore()
+    for path in GATEWAY_SIGNALS:
+        entry = CATALOG[path]
+        store.register(SignalState(path, entry.unit, entry.kind, entry.group, 3.0))
+    env = p.Envelope("car-1", p.new_boot_id())
+
+    def check(now: float) -> list[dict[str, Any]]:
+        views = store.snapshot(now)
+        validate(T.backfill, env.stamp(T.backfill, now, p.telemetry_body("park", views)))
+        return [validate(T.state(g), env.stamp(T.state(g), now,
+                                               p.state_body(g, [v for v in views if v.group == g])))
+                for g in ("location", "battery")]
+
+    assert all(not e["valid"] for sent in check(NOW) for e in sent["signals"].values())
+    for path, value in GATEWAY_SIGNALS.items():
+        store.slot(path).set(value, FIX.received)
+    location, battery = check(NOW)
+    assert {k: e["value"] for k, e in {**location["signals"], **battery["signals"]}.items()} \
+        == GATEWAY_SIGNALS
+    assert location["signals"]["Vehicle.CurrentLocation.Timestamp"]["value"].endswith("Z")
+    assert all(e["stale"] for e in check(NOW + 10)[0]["signals"].values())
+
+
 # --- what the schemas must reject ----------------------------------------------------------
 
 def mutated(kind: str, change: Any) -> tuple[str, dict[str, Any]]:
@@ -327,7 +605,9 @@ def test_unexpected_top_level_field_is_rejected(kind):
     ("backfill", "mode", "Drive"), ("state", "group", "engine"),
     ("alerts", "transition", "acknowledged"), ("alerts", "alert.severity", "fatal"),
     ("alerts_active", "alerts.0.severity", "error"), ("events", "data.to", "tow"),
-    ("events", "data.from", "reverse"),
+    ("events", "data.from", "reverse"), ("location", "position.fix", "3D"),
+    ("location", "position.fix", "DGPS"), ("trips_last", "trip.distance_source", "gps"),
+    ("charging_last", "session.end_reason", "timeout"),
 ])
 def test_wrong_enum_value_is_rejected(kind, path, value):
     with pytest.raises(ValidationError):
@@ -365,6 +645,35 @@ def test_signal_keyed_by_a_non_vss_path_is_rejected(kind, key):
     ("events", lambda pl: pl["data"].pop("from")),
     ("events", lambda pl: pl.update(data=None)),
     ("events", lambda pl: pl.update(type="gateway_started")),
+    ("events", lambda pl: pl.update(type="trip")),
+    ("events", lambda pl: pl.update(type="charge_session")),
+    ("events", lambda pl: pl.update(type="geofence_exited")),
+    # Latitude and longitude never travel apart, and without a fix there is no position.
+    ("location", lambda pl: pl["position"].update(lon=None)),
+    ("location", lambda pl: pl["position"].update(lat=None)),
+    ("location", lambda pl: pl["position"].update(fix="NONE")),
+    ("location", lambda pl: pl["position"].update(lat=90.5)),
+    ("location", lambda pl: pl["position"].update(lon=-180.01)),
+    ("location", lambda pl: pl["position"].update(heading=-1)),
+    ("location", lambda pl: pl["position"].update(satellites=7.5)),
+    ("location", lambda pl: pl["position"].update(ts=None)),
+    ("location", lambda pl: pl["position"].pop("accuracy")),
+    ("location", lambda pl: pl["position"].update(course=87.5)),
+    ("location", lambda pl: pl.update(position=None)),
+    ("location", lambda pl: pl.update(signals={})),
+    ("trips_last", lambda pl: pl["trip"].pop("energy_wh")),
+    ("trips_last", lambda pl: pl["trip"].update(extra=1)),
+    ("trips_last", lambda pl: pl["trip"].update(distance_km=-0.1)),
+    ("trips_last", lambda pl: pl["trip"].update(start_position=[48.8, 2.3, 35.0])),
+    ("trips_last", lambda pl: pl["trip"].update(end_position=[2.3])),
+    ("trips_last", lambda pl: pl["trip"].update(end_position={"lat": 48.8, "lon": 2.3})),
+    ("trips_last", lambda pl: pl["trip"].update(currency=None)),
+    ("trips_last", lambda pl: pl.update(session=pl.pop("trip"))),
+    ("charging_last", lambda pl: pl["session"].update(interruptions=1.5)),
+    ("charging_last", lambda pl: pl["session"].update(energy_wh=-1)),
+    ("charging_last", lambda pl: pl["session"].pop("ah")),
+    ("charging_last", lambda pl: pl["session"].update(extra=1)),
+    ("charging_last", lambda pl: pl.update(trip=pl.pop("session"))),
 ])
 def test_broken_bodies_are_rejected(kind, change):
     with pytest.raises(ValidationError):
@@ -390,6 +699,7 @@ def test_payload_that_is_not_a_json_object_is_rejected(raw):
     "evgw/v1/car-1/cmd/lock", "homeassistant/sensor/evgw_car-1/battery/config",
     "evgw/v2/car-1/status", "evgw/v1/car 1/status", "evgw/v1/car-1/state/engine",
     "evgw/v1/car-1/state", "evgw/v1/car-1/alerts/active/x", "evgw/v1/car-1", "evgw/v1/+/status",
+    "evgw/v1/car-1/trips", "evgw/v1/car-1/charging/last/x", "evgw/v1/car-1/location/live",
 ])
 def test_topics_outside_the_contract_are_refused(topic):
     with pytest.raises(AssertionError):

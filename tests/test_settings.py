@@ -352,7 +352,7 @@ def _uncommented_example(directory: Path) -> Path:
     """The example with its commented-out keys enabled, beside the files they name."""
     lines = []
     for line in EXAMPLE.read_text().splitlines():
-        m = re.match(r"^# (\[mqtt\.tls\]|[a-z_]+ = .*)$", line)
+        m = re.match(r"^# (\[\[?[a-z.]+\]\]?|[a-z_]+ = .*)$", line)
         lines.append(m.group(1) if m else line)
     text = "\n".join(lines).replace("../dbc/profiles/microev-ref.toml", str(REF_PROFILE))
     for name in ("ca.crt", "client.crt", "client.key"):
@@ -369,18 +369,23 @@ def test_commented_keys_in_the_example_are_valid_and_documented(tmp_path):
     assert s.mqtt.password == "pw"
     data = tomllib.loads(path.read_text())
     docs = DOCS.read_text()
-    tables = {"": data}
-    keys: list[str] = []
+    tables: list[tuple[str, dict[str, object]]] = [("", data)]
+    keys: set[str] = set()
     while tables:
-        prefix, table = tables.popitem()
+        prefix, table = tables.pop()
         for key, value in table.items():
             name = f"{prefix}.{key}".lstrip(".")
-            if isinstance(value, dict):
+            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                assert f"`[[{name}]]`" in docs, f"[[{name}]] is not documented"
+                tables.extend((name, v) for v in value)
+            elif isinstance(value, dict):
                 assert f"`[{name}]`" in docs, f"[{name}] is not documented"
                 if name != "telemetry.deadband":  # its keys are signal paths
-                    tables[name] = value
+                    tables.append((name, value))
             else:
-                keys.append(name)
+                keys.add(name)
                 assert f"| `{key}` |" in docs, f"{name} is not documented"
     assert s.commands.keys == tmp_path / "keys.toml"
-    assert len(keys) == 35, "every key the loader accepts is in the example"
+    assert s.location.gnss.enabled and len(s.location.geofences) == 2
+    assert s.location.insights.energy_price_per_kwh is not None
+    assert len(keys) == 56, "every key the loader accepts is in the example"

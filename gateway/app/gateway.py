@@ -13,12 +13,14 @@ from typing import Self
 import can
 
 from gateway.app.commands import Commands
+from gateway.app.location import Insights, Location
 from gateway.app.pipeline import Pipeline
 from gateway.app.publishing import Publishing
 from gateway.app.safety import Safety
 from gateway.can import BusOptions, open_bus
 from gateway.clock import Clock
 from gateway.config import Profile
+from gateway.config.location import LocationSettings
 from gateway.config.settings import Settings
 
 
@@ -47,20 +49,32 @@ class Gateway:
     safety: Safety
     commands: Commands
     publishing: Publishing | None
+    location: Location | None = None
+    insights: Insights | None = None
 
     @classmethod
     def build(cls, profile: Profile, clock: Clock, settings: Settings | None,
-              state_dir: Path | None) -> Self:
+              state_dir: Path | None, place: LocationSettings | None = None) -> Self:
         """Every stage for ``profile``; MQTT (and remote commands) only with ``settings``.
-        Opens nothing; raises ConfigError for bad configuration."""
+        ``place`` overrides the settings' GNSS, geofences and insights (or gives them
+        when there are no settings). Opens nothing; raises ConfigError for bad
+        configuration."""
         pipeline = Pipeline.build(profile, clock)
+        where = place or (settings.location if settings is not None else LocationSettings())
+        # Location and battery slots first: the safety rules and the MQTT state groups
+        # are built from what the store holds.
+        location = Location.build(pipeline, where.gnss) if where.gnss.enabled else None
+        insights = Insights.build(pipeline, location, where, state_dir)
         safety = Safety.build(pipeline, state_dir)
         commands = Commands.build(pipeline, safety, state_dir)
         publishing = None
         if settings is not None:
             publishing = Publishing.build(pipeline, settings)
             commands.serve(pipeline, safety, publishing, settings)
-        return cls(pipeline, safety, commands, publishing)
+            insights.outputs.attach(publishing)
+            if location is not None:
+                location.publish(publishing)
+        return cls(pipeline, safety, commands, publishing, location, insights)
 
     async def start(self, options: Sequence[BusOptions] | None,
                     opener: Callable[[BusOptions], can.BusABC] = open_bus) -> None:
@@ -69,11 +83,19 @@ class Gateway:
             await self.publishing.launch()
         sources = self.pipeline.start_live(options, opener) if options is not None else []
         self.safety.start(sources)
+        if self.insights is not None:
+            await self.insights.start()
+        if self.location is not None:
+            self.location.start()
         await self.commands.start(self.pipeline.clock, live=options is not None)
 
     async def stop(self) -> None:
         """Stop every stage: commands first, the pipeline last."""
         await self.commands.stop()
+        if self.location is not None:
+            await self.location.stop()
+        if self.insights is not None:
+            await self.insights.stop()
         await self.safety.stop()
         if self.publishing is not None:
             await self.publishing.stop()

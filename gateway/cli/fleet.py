@@ -18,6 +18,16 @@ from gateway.mqtt.topics import PREFIX
 from gateway.state import SignalView, lookup
 
 RECENT = 8
+LOC = "Vehicle.CurrentLocation"
+POSITION_SIGNALS = {
+    "lat": f"{LOC}.Latitude", "lon": f"{LOC}.Longitude", "alt": f"{LOC}.Altitude",
+    "speed": f"{LOC}.Speed", "heading": f"{LOC}.Heading", "accuracy": f"{LOC}.HorizontalAccuracy",
+    "fix": f"{LOC}.GNSSReceiver.FixType", "satellites": f"{LOC}.GNSSReceiver.SatellitesUsed",
+    "hdop": f"{LOC}.GNSSReceiver.HDOP",
+}
+"""Fields of a ``location`` position object and the state signals they update."""
+STREAMS = ("telemetry", "backfill", "alerts", "events", "location")
+"""Topics whose messages are deduplicated on (boot, seq); the rest are retained."""
 
 
 @dataclass
@@ -43,6 +53,10 @@ class FleetView:
     streams: dict[tuple[str, str], StreamStats] = field(default_factory=dict)
     malformed: int = 0
     telemetry_values: int = 0
+    position: dict[str, Any] | None = None
+    """The latest ``location`` position object."""
+    last_trip: dict[str, Any] | None = None
+    last_charge: dict[str, Any] | None = None
 
     @property
     def base(self) -> str:
@@ -79,7 +93,7 @@ class FleetView:
             self.malformed += 1
             return None
         # Retained topics carry the latest value; only streams are deduplicated.
-        if sub in ("telemetry", "backfill", "alerts", "events") and not self._fresh(sub, data):
+        if sub in STREAMS and not self._fresh(sub, data):
             return None
         if sub == "status":
             self.status = data
@@ -93,12 +107,31 @@ class FleetView:
             self.alerts.append(data)
         elif sub == "events":
             self.events.append(data)
+        elif sub == "location" and isinstance(data.get("position"), dict):
+            self.position = data["position"]
+            self._merge_position(self.position)
+        elif sub == "trips/last" and isinstance(data.get("trip"), dict):
+            self.last_trip = data["trip"]
+        elif sub == "charging/last" and isinstance(data.get("session"), dict):
+            self.last_charge = data["session"]
         return sub
 
     def _merge_state(self, group: str, data: dict[str, Any]) -> None:
         for path, s in dict(data.get("signals", {})).items():
             self.signals[path] = SignalView(path, s.get("value"), s.get("unit", ""), s.get("ts"),
                                             bool(s.get("valid")), bool(s.get("stale")), group)
+
+    def _merge_position(self, pos: dict[str, Any]) -> None:
+        """A position is a live update of the location signals, all with one timestamp."""
+        ts = pos.get("ts")
+        has_fix = pos.get("fix") not in (None, "NONE")
+        for key, path in POSITION_SIGNALS.items():
+            value = pos.get(key)
+            entry = lookup(path)
+            valid = value is not None and (has_fix or key in ("fix", "satellites"))
+            self.signals[path] = SignalView(path, value if valid else None,
+                                            entry.unit if entry else "", ts, valid, False,
+                                            "location")
 
     def _merge_telemetry(self, data: dict[str, Any]) -> None:
         for path, s in dict(data.get("signals", {})).items():

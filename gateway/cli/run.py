@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from gateway.cli import view
 from gateway.cli.watch import split_broker
 from gateway.clock import Clock, SystemClock
 from gateway.config import load_profile
+from gateway.config.location import BAUD_RATES, LocationSettings
 from gateway.config.settings import (
     DEFAULT_STATE_DIR,
     Settings,
@@ -44,6 +46,9 @@ def add_parser(sub: Any) -> None:
                    help="select a speed-cap profile of the vehicle profile ('none' lifts it)")
     p.add_argument("--keys", metavar="FILE",
                    help="authorized keys for remote commands (overrides the settings)")
+    p.add_argument("--gnss", metavar="DEVICE[@BAUD]",
+                   help="read NMEA from this serial GNSS receiver, e.g. /dev/ttyACM0@9600 "
+                        "(overrides the settings' [gnss] device)")
     p.add_argument("--view", action="store_true", help="live terminal view of the vehicle state")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.set_defaults(handler=run)
@@ -88,6 +93,20 @@ def settings_from_args(args: argparse.Namespace) -> Settings | None:
     return settings
 
 
+def gnss_override(where: LocationSettings, text: str | None) -> LocationSettings:
+    """``where`` with ``--gnss DEVICE[@BAUD]`` applied (GNSS enabled on that device)."""
+    if not text:
+        return where
+    device, _, baud = text.partition("@")
+    gnss = replace(where.gnss, enabled=True, device=device or where.gnss.device)
+    if baud:
+        if not baud.isdigit() or int(baud) not in BAUD_RATES:
+            raise SystemExit(f"ev-gateway run: --gnss {text!r}: baud rate must be one of "
+                             f"{', '.join(map(str, BAUD_RATES))}")
+        gnss = replace(gnss, baud=int(baud))
+    return replace(where, gnss=gnss)
+
+
 def run(args: argparse.Namespace) -> int:
     """Build the pipeline (failing fast on bad config) and run it until stopped."""
     if not args.config and not args.profile:
@@ -102,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
                                                      else None)
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True)
-    gateway = Gateway.build(profile, clock, settings, state_dir)
+    where = gnss_override(settings.location if settings else LocationSettings(), args.gnss)
+    gateway = Gateway.build(profile, clock, settings, state_dir, where)
     speed_cap = gateway.safety.speed_cap
     if args.speed_cap:
         if speed_cap is None:

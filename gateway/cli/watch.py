@@ -62,12 +62,49 @@ def screen(fleet: FleetView, broker: str, width: int) -> str:
     """The whole screen."""
     title = f"ev-gateway watch | {fleet.vehicle_id} @ {broker} | {view.clock_line(time.time())}"
     text = view.render(title, fleet.signals.values(), status_line(fleet), width)
+    text += "".join(f"{line}\n" for line in insight_lines(fleet))
     recent = [f"  {e.get('type')}: {e.get('data')}" for e in list(fleet.events)[-4:]]
     recent += [f"  alert {a.get('transition')}: {a.get('alert', {}).get('key')}"
                for a in list(fleet.alerts)[-4:]]
     if recent:
         text += "\nRECENT\n" + "\n".join(recent) + "\n"
     return text
+
+
+def _num(value: Any, fmt: str, unit: str = "") -> str:
+    return f"{value:{fmt}}{unit}" if isinstance(value, int | float) else "?"
+
+
+def insight_lines(fleet: FleetView) -> list[str]:
+    """Position, last trip and last charge, when the vehicle has published them."""
+    lines = []
+    pos = fleet.position
+    if pos is not None:
+        where = ("no fix" if pos.get("lat") is None else
+                 f"{_num(pos.get('lat'), '.6f')}, {_num(pos.get('lon'), '.6f')}")
+        lines.append(f"POSITION  {where}  {pos.get('fix')}  {_num(pos.get('speed'), '.0f')} "
+                     f"km/h  heading {_num(pos.get('heading'), '.0f')}  sats "
+                     f"{pos.get('satellites')}  hdop {_num(pos.get('hdop'), '.1f')}")
+    trip = fleet.last_trip
+    if trip is not None:
+        lines.append(
+            f"LAST TRIP {_num(trip.get('distance_km'), '.2f', ' km')} "
+            f"({trip.get('distance_source')}) in {_num(trip.get('duration_s', 0) / 60, '.1f')}"
+            f" min, {_num(trip.get('energy_wh'), '.0f', ' Wh')} "
+            f"({_num(trip.get('wh_per_km'), '.0f', ' Wh/km')}), regen "
+            f"{_num(trip.get('regen_wh'), '.0f', ' Wh')}, SoC used "
+            f"{_num(trip.get('soc_used'), '.1f', ' %')}, max "
+            f"{_num(trip.get('max_speed_kmh'), '.0f', ' km/h')}")
+    charge = fleet.last_charge
+    if charge is not None:
+        lines.append(
+            f"LAST CHARGE {_num(charge.get('soc_start'), '.0f')} -> "
+            f"{_num(charge.get('soc_end'), '.0f', ' %')}, "
+            f"{_num(charge.get('energy_wh'), '.0f', ' Wh')} in "
+            f"{_num(charge.get('duration_s', 0) / 60, '.1f')} min, max "
+            f"{_num(charge.get('max_power_w'), '.0f', ' W')}, "
+            f"{charge.get('interruptions')} interruptions ({charge.get('end_reason')})")
+    return lines
 
 
 async def watch(host: str, port: int, vehicle: str, stop: asyncio.Event,

@@ -101,6 +101,19 @@ class SignalMapping:
 
 
 @dataclass(frozen=True)
+class BatterySpec:
+    """The traction pack's rating ([vehicle] capacity_ah and nominal_voltage)."""
+
+    capacity_ah: float
+    nominal_voltage: float
+
+    @property
+    def energy_wh(self) -> float:
+        """Nominal energy in Wh."""
+        return self.capacity_ah * self.nominal_voltage
+
+
+@dataclass(frozen=True)
 class Profile:
     """A validated vehicle profile."""
 
@@ -116,6 +129,8 @@ class Profile:
     safety: SafetySpec = field(default_factory=SafetySpec)
     transmit: tuple[TransmitSpec, ...] = ()
     commands: CommandsSpec = field(default_factory=lambda: CommandsSpec({}, {}))
+    battery: BatterySpec | None = None
+    """The pack's rating, for cycle counting, state of health and range; None if unknown."""
 
     def bus(self, name: str) -> BusSpec:
         """The bus called ``name``."""
@@ -141,7 +156,7 @@ def _parse(file: Path, data: dict[str, Any], source: SourceMap) -> Profile:
     vehicle = top.sub("vehicle", "vehicle", "vehicle")
     if vehicle is None:
         top.fail("vehicle", "missing [vehicle] table")
-    vehicle.check_keys(["name", "description", "chemistry"])
+    vehicle.check_keys(["name", "description", "chemistry", "capacity_ah", "nominal_voltage"])
     chemistry = vehicle.opt_str("chemistry")
     if chemistry is not None and chemistry not in ("LFP", "NMC", "LTO"):
         vehicle.fail("chemistry", f"expected LFP, NMC or LTO, got {chemistry!r}")
@@ -177,7 +192,22 @@ def _parse(file: Path, data: dict[str, Any], source: SourceMap) -> Profile:
         safety=parse_safety(top, chemistry),
         transmit=parse_transmit(_array(top, "transmit", required=False), bus_names),
         commands=parse_commands(top),
+        battery=_battery(vehicle),
     )
+
+
+def _battery(vehicle: Table) -> BatterySpec | None:
+    capacity = vehicle.opt_float("capacity_ah", None)
+    voltage = vehicle.opt_float("nominal_voltage", None)
+    if capacity is None and voltage is None:
+        return None
+    for key, value in (("capacity_ah", capacity), ("nominal_voltage", voltage)):
+        if value is None:
+            vehicle.fail(key, "missing; capacity_ah and nominal_voltage go together")
+        if not 0 < value < 100_000:
+            vehicle.fail(key, f"expected a number > 0, got {value:g}")
+    assert capacity is not None and voltage is not None
+    return BatterySpec(capacity, voltage)
 
 
 def _array(top: Table, key: str, required: bool) -> list[Table]:

@@ -18,13 +18,21 @@ from types import MappingProxyType
 from typing import Any, Literal, NoReturn
 
 from gateway.config.errors import ConfigError
+from gateway.config.location import (
+    LocationSettings,
+    parse_geofences,
+    parse_gnss,
+    parse_insights,
+)
 from gateway.config.toml_table import SourceMap, Table, read_toml
 from gateway.config.units import normalise
 from gateway.mqtt.topics import valid_topic_prefix, valid_vehicle_id
 
 MqttProtocol = Literal["auto", "5", "3.1.1"]
 _PROTOCOLS: dict[str, MqttProtocol] = {"auto": "auto", "5": "5", "3.1.1": "3.1.1"}
-_SECTIONS = ("gateway", "mqtt", "telemetry", "outbox", "homeassistant", "commands")
+_SECTIONS = ("gateway", "mqtt", "telemetry", "outbox", "homeassistant", "commands", "gnss",
+             "insights")
+_ARRAYS = ("geofence",)
 _MODE_INTERVALS = {"drive": 1.0, "charge": 10.0, "park": 60.0}
 _VEHICLE_ID_RULE = "expected 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
 DEFAULT_STATE_DIR = Path("/var/lib/ev-gateway")
@@ -162,6 +170,7 @@ class Settings:
     homeassistant: HomeAssistantSettings
     file: str | None
     commands: CommandSettings = field(default_factory=lambda: CommandSettings(None, None))
+    location: LocationSettings = field(default_factory=LocationSettings)
 
     @property
     def outbox_path(self) -> Path:
@@ -182,6 +191,7 @@ def load_settings(path: str | Path) -> Settings:
         raise ConfigError(str(file), "missing [gateway] table (vehicle_id and profile)",
                           key="gateway")
     sections = _sections(str(file), data, source)
+    fences = _fence_tables(str(file), data, source)
     gw = sections["gateway"]
     gw.check_keys(["vehicle_id", "profile", "state_dir"])
     vehicle_id = gw.req_str("vehicle_id")
@@ -194,7 +204,9 @@ def load_settings(path: str | Path) -> Settings:
     state_dir = _path(gw, "state_dir", file.parent) or DEFAULT_STATE_DIR
     if state_dir.exists() and not state_dir.is_dir():
         gw.fail("state_dir", f"not a directory: {state_dir}")
-    return _assemble(vehicle_id, profile, state_dir, sections, file.parent, str(file))
+    settings = _assemble(vehicle_id, profile, state_dir, sections, file.parent, str(file))
+    return replace(settings, location=replace(settings.location,
+                                              geofences=parse_geofences(fences)))
 
 
 def default_settings(vehicle_id: str, profile: Path, state_dir: Path) -> Settings:
@@ -260,12 +272,23 @@ def _device_name(vehicle_id: str) -> str:
 def _sections(file: str, data: dict[str, Any], source: SourceMap) -> dict[str, Table]:
     """Every known section as a Table (empty when absent); unknown sections are errors."""
     for name, value in data.items():
+        if name in _ARRAYS:
+            continue
         if name not in _SECTIONS or not isinstance(value, dict):
-            problem = (f"unknown section; expected one of: {', '.join(_SECTIONS)}"
+            problem = (f"unknown section; expected one of: {', '.join(_SECTIONS + _ARRAYS)}"
                        if name not in _SECTIONS else f"expected a table ([{name}])")
             line = source.header_line(name) or source.key_line("", 0, name)
             raise ConfigError(file, problem, line=line, key=name)
     return {name: Table(data.get(name, {}), file, source, name, 0, name) for name in _SECTIONS}
+
+
+def _fence_tables(file: str, data: dict[str, Any], source: SourceMap) -> list[Table]:
+    value = data.get("geofence", [])
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(file, "expected [[geofence]] tables", key="geofence",
+                          line=source.key_line("", 0, "geofence"))
+    return [Table(v, file, source, "geofence", i, f"geofence[{i}]")
+            for i, v in enumerate(value)]
 
 
 def _assemble(
@@ -282,6 +305,8 @@ def _assemble(
         homeassistant=_homeassistant(sections["homeassistant"], vehicle_id),
         file=file,
         commands=_commands(sections["commands"], base),
+        location=LocationSettings(gnss=parse_gnss(sections["gnss"]),
+                                  insights=parse_insights(sections["insights"])),
     )
 
 

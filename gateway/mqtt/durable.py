@@ -71,6 +71,10 @@ class DurablePublisher:
         """A telemetry snapshot recorded while offline, on ``backfill``."""
         self._put(Kind.BACKFILL, self.topics.backfill, payloads.telemetry_body(mode, views))
 
+    def record(self, topic: str, kind: str, record: Mapping[str, Any]) -> None:
+        """A retained summary (the last trip, the last charging session) on ``topic``."""
+        self._put(Kind.RETAINED, topic, payloads.record_body(kind, record), retain=True)
+
     def retained(self, topic: str, payload: bytes) -> None:
         """A ready-made retained message (e.g. Home Assistant discovery)."""
         self._queue.put_nowait([Entry(Kind.RETAINED, topic, payload, self._clock.time(), True)])

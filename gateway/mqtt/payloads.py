@@ -106,3 +106,13 @@ def alert_body(transition: str, alert: Mapping[str, Any]) -> Payload:
 def active_alerts_body(alerts: Iterable[Mapping[str, Any]]) -> Payload:
     """Body of the retained ``alerts/active`` message."""
     return {"alerts": [dict(a) for a in alerts]}
+
+
+def location_body(position: Mapping[str, Any]) -> Payload:
+    """Body of a ``location`` message: one position object (lat and lon never travel apart)."""
+    return {"position": dict(position)}
+
+
+def record_body(kind: str, record: Mapping[str, Any]) -> Payload:
+    """Body of ``trips/last`` (``kind`` trip) or ``charging/last`` (``kind`` session)."""
+    return {kind: dict(record)}

@@ -29,6 +29,9 @@ from gateway.mqtt.topics import GROUPS, Topics
 from gateway.state import SignalView, StateStore
 from gateway.state.mode import ModeTracker
 
+LIVE_ELSEWHERE = frozenset({"location"})
+"""Groups whose live updates have their own topic (state and backfill still carry them)."""
+
 Seen = tuple[str, object]
 """What was last reported of a signal: its quality and value."""
 
@@ -155,7 +158,9 @@ class Telemetry:
                 self._counters.inc("telemetry.backfill_recorded")
 
     async def _publish_live(self, mode: str, views: Sequence[SignalView], now: float) -> None:
-        changed = self._live.select(views)
+        # Position goes out whole on the location topic: a deadband per signal could
+        # send a latitude without its longitude.
+        changed = self._live.select(v for v in views if v.group not in LIVE_ELSEWHERE)
         if not changed:
             return
         body = payloads.telemetry_body(mode, changed)

@@ -61,6 +61,21 @@ class Topics:
         """Telemetry recorded while offline (QoS 1, through the outbox)."""
         return f"{self.base}/backfill"
 
+    @property
+    def location(self) -> str:
+        """Live position objects (QoS 0), by the distance/time policy."""
+        return f"{self.base}/location"
+
+    @property
+    def last_trip(self) -> str:
+        """Retained: the last finished trip."""
+        return f"{self.base}/trips/last"
+
+    @property
+    def last_charge(self) -> str:
+        """Retained: the last finished charging session."""
+        return f"{self.base}/charging/last"
+
     def state(self, group: str) -> str:
         """Retained last-known values of one group."""
         return f"{self.base}/state/{group}"
@@ -102,4 +117,5 @@ class Topics:
 
     def owned_retained(self) -> list[str]:
         """Retained topics only this gateway may publish; anything else there is foreign."""
-        return [self.status, self.alerts_active, *(self.state(g) for g in GROUPS)]
+        return [self.status, self.alerts_active, self.last_trip, self.last_charge,
+                *(self.state(g) for g in GROUPS)]

@@ -23,6 +23,7 @@ Group = Literal["battery", "motion", "location", "body", "charging", "health", "
 
 TB = "Vehicle.Powertrain.TractionBattery"
 TM = "Vehicle.Powertrain.TractionMotor"
+LOC = "Vehicle.CurrentLocation"
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,38 @@ _ENTRIES = [
                  "Battery data good and no critical battery alert"),
     CatalogEntry("Vehicle.Safety.ChargingAllowed", "", "bool", "safety",
                  "The gateway's safety checks allow charging now"),
-    CatalogEntry("Vehicle.CurrentLocation.Speed", "km/h", "number", "location",
-                 "Speed over ground from GNSS"),
+    # position from the serial GNSS receiver (gateway/gnss), one fix shared by all
+    CatalogEntry(f"{LOC}.Latitude", "deg", "number", "location", "Latitude (WGS 84)"),
+    CatalogEntry(f"{LOC}.Longitude", "deg", "number", "location", "Longitude (WGS 84)"),
+    CatalogEntry(f"{LOC}.Altitude", "m", "number", "location", "Altitude above mean sea level"),
+    CatalogEntry(f"{LOC}.Heading", "deg", "number", "location",
+                 "Course over ground, degrees from true north"),
+    CatalogEntry(f"{LOC}.Speed", "km/h", "number", "location", "Speed over ground from GNSS"),
+    CatalogEntry(f"{LOC}.HorizontalAccuracy", "m", "number", "location",
+                 "Estimated horizontal error (HDOP x 5 m)"),
+    CatalogEntry(f"{LOC}.Timestamp", "", "string", "location",
+                 "The receiver's UTC time of the fix (ISO 8601)"),
+    CatalogEntry(f"{LOC}.GNSSReceiver.FixType", "", "string", "location",
+                 "NONE, TWO_D or THREE_D"),
+    CatalogEntry(f"{LOC}.GNSSReceiver.SatellitesUsed", "", "number", "location",
+                 "Satellites used in the fix"),
+    CatalogEntry(f"{LOC}.GNSSReceiver.HDOP", "", "number", "location",
+                 "Horizontal dilution of precision"),
+    # battery insights computed by the gateway (gateway/insights), not mapped
+    CatalogEntry(f"{TB}.EquivalentFullCycles", "", "number", "battery",
+                 "Discharge throughput divided by the rated capacity"),
+    CatalogEntry(f"{TB}.Estimate.Capacity", "Ah", "number", "battery",
+                 "Capacity measured by coulomb counting over charging sessions"),
+    CatalogEntry(f"{TB}.Estimate.StateOfHealth", "%", "number", "battery",
+                 "Estimated capacity against the rated capacity"),
+    CatalogEntry(f"{TB}.Estimate.Consumption", "Wh/km", "number", "battery",
+                 "Recent energy per km from the last trips"),
+    CatalogEntry(f"{TB}.Estimate.Range", "km", "number", "battery",
+                 "Range left at the recent consumption"),
+    CatalogEntry(f"{TB}.CellVoltage.Spread", "mV", "number", "battery",
+                 "Highest minus lowest cell voltage at rest"),
+    CatalogEntry(f"{TB}.CellVoltage.SpreadTrend", "mV", "number", "battery",
+                 "Change of the rest spread per 30 days (least squares)"),
 ]
 
 CATALOG: dict[str, CatalogEntry] = {e.path: e for e in _ENTRIES}

@@ -103,6 +103,20 @@ class VehicleModel:
     cell_soc_offset: list[float] = field(default_factory=list)
     cell_r: list[float] = field(default_factory=list)
     sensor_offset: list[float] = field(default_factory=list)
+    lat: float = 48.85837
+    lon: float = 2.29448
+    heading_deg: float = 90.0
+    """Course over ground; the car turns right by 90 degrees at each stop, so a drive
+    cycle traces a loop instead of a straight line off the map."""
+    gnss_fix: bool = True
+    """False while the receiver has no fix (a tunnel, an unplugged antenna)."""
+    # Ground truth for checking what the gateway computes from the CAN frames:
+    # battery-side energy and charge, split by direction (Wh and Ah; "out" = discharge).
+    energy_out_wh: float = 0.0
+    energy_in_wh: float = 0.0
+    ah_out: float = 0.0
+    ah_in: float = 0.0
+    distance_km: float = 0.0
 
     def __post_init__(self) -> None:
         rng = random.Random(self.seed)
@@ -177,9 +191,31 @@ class VehicleModel:
             self.speed_kmh = 0.0
             self.pack_current = 0.3  # parked: BMS and telematics quiescent draw
             self.motor_torque = 0.0
+        self._account(dt)
         used = self.pack_current * dt / 3600 / CAPACITY_AH * 100
         self.soc = max(0.0, min(100.0, self.soc - used))
         self._thermal(dt)
+
+    def _account(self, dt: float) -> None:
+        amps = self.pack_current
+        watts = amps * self.pack_voltage()
+        if amps >= 0:
+            self.energy_out_wh += watts * dt / 3600
+            self.ah_out += amps * dt / 3600
+        else:
+            self.energy_in_wh -= watts * dt / 3600
+            self.ah_in -= amps * dt / 3600
+
+    def _move(self, v_old: float, v_new: float, dt: float) -> None:
+        metres = v_new * dt
+        self.odometer_km += metres / 1000
+        self.trip_km += metres / 1000
+        self.distance_km += metres / 1000
+        if v_old > 0.05 >= v_new:
+            self.heading_deg = (self.heading_deg + 90.0) % 360.0
+        rad = math.radians(self.heading_deg)
+        self.lat += metres * math.cos(rad) / 111_320.0
+        self.lon += metres * math.sin(rad) / (111_320.0 * math.cos(math.radians(self.lat)))
 
     def _drive(self, dt: float) -> None:
         target = self.cycle.target(self.t)
@@ -196,8 +232,7 @@ class VehicleModel:
         v_new = max(0.0, v + accel * dt)
         self.accel = accel
         self.speed_kmh = v_new * 3.6
-        self.odometer_km += v_new * dt / 1000
-        self.trip_km += v_new * dt / 1000
+        self._move(v, v_new, dt)
         self.pack_current = elec_w / max(self.pack_voltage(), 60.0)
         wheel_torque = force * WHEEL_RADIUS_M
         self.motor_torque = wheel_torque / GEAR_RATIO

@@ -1,0 +1,175 @@
+"""The moved-while-parked alert: the car is off, yet its position wandered away.
+
+"Parked" is latched: it begins when the ignition is seen OFF (or ACC) and the
+powertrain is not ready, and ends only on good evidence of driving (ignition ON
+or START, or the powertrain ready). Stale or invalid data keeps it parked,
+because a parked car's bus goes to sleep, and a car towed away while its bus
+sleeps is exactly the case this alert exists for.
+
+The first usable fix after parking is the anchor. When ``confirm`` usable
+fixes in a row lie more than ``threshold_m`` plus their own error estimate from
+it, a critical alert is raised; it stays until the driver switches on. Parked
+state and anchor live in a small JSON file, so a head unit rebooting overnight
+keeps the anchor of the evening before.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from gateway.alerts import AlertBook, Severity
+from gateway.clock import Clock
+from gateway.gnss.fix import Fix
+from gateway.gnss.geo import LatLon, distance_m
+from gateway.health import Counters, RateLimitedLog
+from gateway.persist import load_json, save_json
+from gateway.state import StateStore
+
+IGNITION = "Vehicle.LowVoltageSystemState"
+READY = "Vehicle.Powertrain.IsReady"
+LATITUDE = "Vehicle.CurrentLocation.Latitude"
+ALERT_KEY = "location.moved_while_parked"
+STATE_FILE_ERRORS = "insights.state_file_errors"
+_PARKING = ("OFF", "ACC")
+_DRIVING = ("ON", "START")
+
+_log = logging.getLogger(__name__)
+
+
+class MovedWhileParked:
+    """Raises ``location.moved_while_parked`` when a parked car's position moves away."""
+
+    def __init__(
+        self, store: StateStore, alerts: AlertBook, clock: Clock, threshold_m: float,
+        max_hdop: float, state_file: Path | None = None, confirm: int = 2,
+        counters: Counters | None = None,
+    ) -> None:
+        if confirm < 1:
+            raise ValueError("confirm must be at least 1")
+        self._store = store
+        self._alerts = alerts
+        self._threshold = threshold_m
+        self._max_hdop = max_hdop
+        self._state_file = state_file
+        self._confirm = confirm
+        self._counters = counters
+        self._rlog = RateLimitedLog(_log, clock)
+        self._signal = LATITUDE if LATITUDE in store else None
+        self._parked = False
+        self._anchor: LatLon | None = None
+        self._run = 0
+        self._alerted = False
+        self._last_received: float | None = None
+        self._dirty = False
+        self._load()
+
+    @property
+    def parked(self) -> bool:
+        """True from ignition off until good evidence of driving."""
+        return self._parked
+
+    @property
+    def anchor(self) -> LatLon | None:
+        """Where the car was parked: the first usable fix after parking."""
+        return self._anchor
+
+    def update(self, now: float) -> None:
+        """Latch parked / unparked from the ignition and ready signals (about once a second)."""
+        ignition = self._store.good_value(IGNITION, now)
+        ready = self._store.good_value(READY, now)
+        if ignition in _DRIVING or ready is True:
+            if self._parked:
+                self._unpark(IGNITION if ignition in _DRIVING else READY)
+        elif ignition in _PARKING and not self._parked:
+            self._parked, self._anchor, self._run = True, None, 0
+            self._changed()
+
+    def on_fix(self, fix: Fix) -> None:
+        """Set the anchor, or compare a parked car's fix with it."""
+        position = fix.position
+        if not self._parked or position is None or not fix.usable(self._max_hdop):
+            return
+        if self._last_received is not None and fix.received <= self._last_received:
+            return  # the same epoch twice is one confirmation, not two
+        self._last_received = fix.received
+        if self._anchor is None:
+            self._anchor = position
+            self._changed()
+            return
+        moved = distance_m(self._anchor, position)
+        if moved <= self._threshold + (fix.accuracy_m or 0.0):
+            self._run = 0
+            return
+        self._run += 1
+        if self._run >= self._confirm and not self._alerted:
+            self._alerted = True
+            self._alerts.raise_(
+                ALERT_KEY, Severity.CRITICAL,
+                f"moved {moved:.0f} m while parked (ignition off)",
+                signal=self._signal, value=round(moved), limit=self._threshold,
+                source_ts=fix.received)
+
+    def save(self) -> None:
+        """Write parked state and anchor to the state file if they changed since the last save."""
+        if self._state_file is None or not self._dirty:
+            return
+        anchor = None if self._anchor is None else list(self._anchor)
+        try:
+            save_json(self._state_file, {"parked": self._parked, "anchor": anchor})
+        except OSError as exc:
+            self._count()
+            self._rlog.error("parked.state_file.save",
+                             f"cannot save parked state to {self._state_file}: {exc}")
+            return
+        self._dirty = False
+
+    def _unpark(self, evidence: str) -> None:
+        self._parked, self._anchor, self._run, self._alerted = False, None, 0, False
+        self._alerts.clear(ALERT_KEY, source_ts=self._store.slot(evidence).timestamp)
+        self._changed()
+
+    def _changed(self) -> None:
+        self._dirty = True
+        self.save()
+
+    def _load(self) -> None:
+        if self._state_file is None:
+            return
+        try:
+            raw = load_json(self._state_file)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            self._broken(str(exc))
+            return
+        parked = raw.get("parked") if isinstance(raw, dict) else None
+        anchor = _anchor(raw.get("anchor")) if isinstance(raw, dict) else None
+        if not isinstance(parked, bool) or (anchor is None and raw.get("anchor") is not None):
+            self._broken('expected {"parked": true/false, "anchor": [lat, lon] or null}')
+            return
+        self._parked = parked
+        self._anchor = anchor if parked else None
+
+    def _broken(self, why: str) -> None:
+        self._count()
+        self._rlog.warning("parked.state_file.load",
+                           f"ignoring parked state file {self._state_file}: {why}")
+
+    def _count(self) -> None:
+        if self._counters is not None:
+            self._counters.inc(STATE_FILE_ERRORS)
+
+
+def _anchor(value: Any) -> LatLon | None:
+    """A stored [lat, lon] pair, or None when it is not one."""
+    if not (isinstance(value, list) and len(value) == 2 and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value)):
+        return None
+    lat, lon = float(value[0]), float(value[1])
+    if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
+        return None
+    return (lat, lon)

@@ -1,0 +1,417 @@
+"""Trips: from ready/ignition-on or first motion to the start of a long enough park.
+
+Driving evidence is a valid reading of the powertrain ready, the ignition ON or
+START, or a wheel speed above standstill. Only *fresh* evidence opens a trip: a
+parked car's bus sleeps, and its stale last frames must not start one. Once a
+trip is open, a valid reading that is merely stale still tells when the car was
+last seen driving (the last frame before the bus went to sleep), so it moves the
+trip's end forward but never opens anything.
+
+The recorder is evaluated once a second. Energy, charge and the speed integral
+come from the :class:`PackMeter` totals; the trip's share is the difference
+between the totals at its ends. The start uses the totals of the update before
+the one that saw the first evidence and the end those of the first update that
+found the car parked, so each end includes at most a second of standing draw
+instead of losing a second of driving. The parked minutes that confirm the end
+do not count.
+
+Distance is the odometer difference when the odometer was good at both ends
+and plausible; otherwise the summed GNSS track; otherwise the wheel-speed
+integral. The open trip lives in a small JSON file: after a restart the meter
+starts from zero, so what was accumulated so far is stored, not raw totals.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.clock import Clock
+from gateway.config.location import InsightSettings
+from gateway.gnss.fix import Fix
+from gateway.gnss.geo import LatLon, distance_m
+from gateway.health import Counters, RateLimitedLog
+from gateway.insights.energy import TB, PackMeter, Totals
+from gateway.insights.sessions import DistanceSource, Trip
+from gateway.persist import load_json, save_json
+from gateway.state import SignalState, StateStore
+from gateway.state.mode import IGNITION, READY, SPEED, STANDSTILL_KMH
+
+SOC = f"{TB}.StateOfCharge.Current"
+ODOMETER = "Vehicle.TraveledDistance"
+MIN_RATIO_KM = 0.1
+"""Below this distance Wh/km means nothing."""
+SLOW_KMH = 3.0
+"""Below this speed a GNSS step shorter than the fix's own error is jitter, not motion."""
+ODOMETER_MIN_KM = 2.0
+"""Shorter odometer deltas lose to GNSS or the speed integral: at 0.1 km resolution the
+reading could be off by 5 % or more."""
+ODOMETER_SLACK_KM = 0.5
+START_GRACE_S = 10.0
+"""ECUs wake at different times: a value first seen this soon after the start still
+counts as the start value."""
+FIX_FRESH_S = 10.0
+STATE_VERSION = 1
+STATE_FILE_ERRORS = "insights.state_file_errors"
+
+_log = logging.getLogger(__name__)
+
+
+def _ready(value: Any) -> bool:
+    return value is True
+
+
+def _ignition(value: Any) -> bool:
+    return value in ("ON", "START")
+
+
+def _moving(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) \
+        and abs(value) > STANDSTILL_KMH
+
+
+@dataclass
+class _Open:
+    """An open trip. Energy so far = ``carried`` + ``at_last`` - ``base``."""
+
+    id: str
+    start: float
+    last_evidence: float
+    base: Totals
+    at_last: Totals
+    carried: Totals = field(default_factory=Totals)
+    parked: bool = False
+    soc_start: float | None = None
+    soc_end: float | None = None
+    odo_start: float | None = None
+    odo_end: float | None = None
+    start_position: LatLon | None = None
+    end_position: LatLon | None = None
+    anchor: LatLon | None = None
+    gnss_m: float = 0.0
+    gnss_fixes: int = 0
+    max_speed: float | None = None
+
+    def so_far(self) -> Totals:
+        """What the trip accumulated up to its last observation."""
+        return plus(self.carried, self.at_last.since(self.base))
+
+
+class TripRecorder:
+    """Opens, follows and closes trips; finished ones go to ``on_trip``."""
+
+    def __init__(
+        self, store: StateStore, meter: PackMeter, clock: Clock, settings: InsightSettings,
+        on_trip: Callable[[Trip], None], state_file: Path | None = None, *,
+        max_hdop: float = 5.0, counters: Counters | None = None,
+    ) -> None:
+        self._store = store
+        self._meter = meter
+        self._clock = clock
+        self._settings = settings
+        self._on_trip = on_trip
+        self._max_hdop = max_hdop
+        self._counters = counters or Counters()
+        self._rlog = RateLimitedLog(_log, clock)
+        self._file = StateFile(state_file, "trip", self._counters, self._rlog)
+        tests: list[tuple[str, Callable[[Any], bool]]] = [
+            (READY, _ready), (IGNITION, _ignition), (SPEED, _moving)]
+        self._sources: list[tuple[SignalState, Callable[[Any], bool]]] = [
+            (store.slot(path), test) for path, test in tests if path in store]
+        self._last_fix: Fix | None = None
+        self._prev: tuple[float, Totals] | None = None
+        self._trip = self._restore()
+
+    # ---- inputs ------------------------------------------------------------------
+
+    def update(self, now: float) -> None:
+        """Open, follow or close the trip (about once a second)."""
+        totals = self._meter.totals
+        earliest, latest = self._evidence(now)
+        trip = self._trip
+        if trip is not None:
+            if latest is not None and latest > trip.last_evidence:
+                if latest - trip.last_evidence >= self._settings.trip_end_park_s:
+                    self._close(trip)  # a long park went unobserved (gateway off)
+                    trip = None
+                else:
+                    trip.last_evidence, trip.parked = latest, False
+                    self._observe(trip, now, totals)
+            elif not trip.parked:
+                trip.parked = True
+                self._observe(trip, now, totals)
+            if trip is not None and now - trip.last_evidence >= self._settings.trip_end_park_s:
+                self._close(trip)
+                trip = None
+        if trip is None and earliest is not None and latest is not None:
+            self._open(earliest, latest, now, totals)
+        self._prev = (now, totals)
+
+    def on_fix(self, fix: Fix) -> None:
+        """Sum the GNSS track of the open trip (the fallback distance)."""
+        position = fix.position
+        if position is None or not fix.usable(self._max_hdop):
+            return
+        self._last_fix = fix
+        trip = self._trip
+        if trip is None:
+            return
+        if trip.start_position is None:
+            trip.start_position = position
+        if not trip.parked:
+            trip.end_position = position
+        if trip.anchor is not None:
+            step = distance_m(trip.anchor, position)
+            slow = fix.speed_kmh is None or fix.speed_kmh < SLOW_KMH
+            if slow and step < (fix.accuracy_m or 0.0):
+                return  # keep the anchor: a slow creep still adds up once it exceeds the error
+            trip.gnss_m += step
+        trip.anchor = position
+        trip.gnss_fixes += 1
+
+    # ---- outputs -----------------------------------------------------------------
+
+    def current(self) -> dict[str, Any] | None:
+        """A summary of the open trip for the live view, or None."""
+        trip = self._trip
+        if trip is None:
+            return None
+        totals = trip.so_far()
+        distance, source = self._distance(trip, totals)
+        return {"id": trip.id, "start": round(trip.start, 3),
+                "duration_s": round(max(0.0, self._clock.time() - trip.start), 1),
+                "distance_km": round(distance, 2), "distance_source": source,
+                "energy_wh": round(totals.wh_out - totals.wh_in, 2),
+                "regen_wh": round(totals.wh_in, 2), "soc_start": trip.soc_start,
+                "soc_now": trip.soc_end, "max_speed_kmh": trip.max_speed,
+                "parked": trip.parked}
+
+    def save(self) -> None:
+        """Write the open trip (or its absence) to the state file."""
+        trip = self._trip
+        self._file.save({"version": STATE_VERSION, "trip": None if trip is None else {
+            "id": trip.id, "start": trip.start, "last_evidence": trip.last_evidence,
+            "so_far": totals_json(trip.so_far()), "parked": trip.parked,
+            "soc_start": trip.soc_start, "soc_end": trip.soc_end,
+            "odo_start": trip.odo_start, "odo_end": trip.odo_end,
+            "start_position": trip.start_position, "end_position": trip.end_position,
+            "anchor": trip.anchor, "gnss_m": trip.gnss_m, "gnss_fixes": trip.gnss_fixes,
+            "max_speed": trip.max_speed}})
+
+    # ---- internals ---------------------------------------------------------------
+
+    def _evidence(self, now: float) -> tuple[float | None, float | None]:
+        """(earliest fresh, latest valid) source timestamps of driving evidence."""
+        earliest: float | None = None
+        latest: float | None = None
+        for slot, is_evidence in self._sources:
+            ts = slot.timestamp
+            value, valid = slot.reading()
+            if ts is None or not valid or not is_evidence(value):
+                continue
+            latest = ts if latest is None else max(latest, ts)
+            if not slot.is_stale(now):
+                earliest = ts if earliest is None else min(earliest, ts)
+        return earliest, latest
+
+    def _good_number(self, path: str, now: float) -> float | None:
+        value = self._store.good_value(path, now)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        return None
+
+    def _open(self, start: float, latest: float, now: float, totals: Totals) -> None:
+        prev = self._prev
+        # The previous update's totals hold the energy of the second in which driving began.
+        base = prev[1] if prev is not None and now - prev[0] <= 2.0 else totals
+        trip = _Open(uuid.uuid4().hex[:16], start, latest, base, totals)
+        fix = self._last_fix
+        if fix is not None and fix.position is not None and now - fix.received <= FIX_FRESH_S:
+            trip.start_position = trip.end_position = trip.anchor = fix.position
+            trip.gnss_fixes = 1
+        self._trip = trip
+        self._observe(trip, now, totals)
+        self.save()
+
+    def _observe(self, trip: _Open, now: float, totals: Totals) -> None:
+        """Take the values of this moment as the trip's latest."""
+        trip.at_last = totals
+        soc, odo = self._good_number(SOC, now), self._good_number(ODOMETER, now)
+        early = now - trip.start <= START_GRACE_S
+        if soc is not None:
+            trip.soc_end = soc
+            if trip.soc_start is None and early:
+                trip.soc_start = soc
+        if odo is not None:
+            trip.odo_end = odo
+            if trip.odo_start is None and early:
+                trip.odo_start = odo
+        speed = self._good_number(SPEED, now)
+        if speed is not None:
+            trip.max_speed = max(abs(speed), trip.max_speed or 0.0)
+
+    def _distance(self, trip: _Open, totals: Totals) -> tuple[float, DistanceSource | None]:
+        if trip.odo_start is not None and trip.odo_end is not None:
+            delta = trip.odo_end - trip.odo_start
+            # A counter that jumped further than the wheels could have taken the car was
+            # reset or rolled over; without a speed signal there is nothing to check against.
+            limit = 2 * totals.km_speed + ODOMETER_SLACK_KM if SPEED in self._store else None
+            fine = trip.gnss_fixes >= 2 or SPEED in self._store
+            # A dashboard odometer counts in 0.1 km steps: on a short hop that is most of
+            # the distance, so a finer source wins there.
+            if delta >= 0 and (limit is None or delta <= limit) and (
+                    delta >= ODOMETER_MIN_KM or not fine):
+                return delta, "odometer"
+        if trip.gnss_fixes >= 2:
+            return trip.gnss_m / 1000.0, "gnss"
+        if SPEED in self._store:
+            return totals.km_speed, "speed"
+        return 0.0, None
+
+    def _close(self, trip: _Open) -> None:
+        totals = trip.so_far()
+        distance, source = self._distance(trip, totals)
+        energy = totals.wh_out - totals.wh_in
+        soc_used = (None if trip.soc_start is None or trip.soc_end is None
+                    else trip.soc_start - trip.soc_end)
+        price = self._settings.energy_price_per_kwh
+        result = Trip(
+            id=trip.id, start=trip.start, end=trip.last_evidence,
+            duration_s=trip.last_evidence - trip.start, distance_km=distance,
+            distance_source=source, energy_wh=energy, discharged_wh=totals.wh_out,
+            regen_wh=totals.wh_in,
+            wh_per_km=energy / distance if distance >= MIN_RATIO_KM else None,
+            soc_start=trip.soc_start, soc_end=trip.soc_end, soc_used=soc_used,
+            max_speed_kmh=trip.max_speed, odometer_start_km=trip.odo_start,
+            odometer_end_km=trip.odo_end, start_position=trip.start_position,
+            end_position=trip.end_position,
+            cost=None if price is None else energy / 1000.0 * price,
+            currency=self._settings.currency if price is not None else "")
+        self._trip = None
+        self.save()
+        try:
+            self._on_trip(result)
+        except Exception as exc:  # the consumer's bug must not stop trip recording
+            self._counters.inc("insights.sink_errors")
+            self._rlog.error("trip.sink", f"trip: the consumer failed: {exc!r}")
+
+    def _restore(self) -> _Open | None:
+        data = self._file.load()
+        if data is None or data.get("trip") is None:
+            return None
+        try:
+            f = checked(data["trip"], _TRIP_KINDS)
+        except ValueError as exc:
+            self._file.broken(str(exc))
+            return None
+        now = self._meter.totals
+        return _Open(f["id"], f["start"], f["last_evidence"], base=now, at_last=now,
+                     carried=f["so_far"], parked=f["parked"], soc_start=f["soc_start"],
+                     soc_end=f["soc_end"], odo_start=f["odo_start"], odo_end=f["odo_end"],
+                     start_position=f["start_position"], end_position=f["end_position"],
+                     anchor=f["anchor"], gnss_m=f["gnss_m"], gnss_fixes=f["gnss_fixes"],
+                     max_speed=f["max_speed"])
+
+
+_TRIP_KINDS = {"id": "str", "start": "num", "last_evidence": "num", "so_far": "totals",
+               "parked": "bool", "soc_start": "num?", "soc_end": "num?", "odo_start": "num?",
+               "odo_end": "num?", "start_position": "point?", "end_position": "point?",
+               "anchor": "point?", "gnss_m": "num", "gnss_fixes": "count", "max_speed": "num?"}
+
+
+# ---- state-file helpers, shared with the charging recorder -------------------------
+
+
+def plus(a: Totals, b: Totals) -> Totals:
+    """The sum of two totals."""
+    return Totals(a.wh_out + b.wh_out, a.wh_in + b.wh_in, a.ah_out + b.ah_out,
+                  a.ah_in + b.ah_in, a.km_speed + b.km_speed)
+
+
+def totals_json(t: Totals) -> list[float]:
+    """Totals as a JSON list (the field order of :class:`Totals`)."""
+    return [t.wh_out, t.wh_in, t.ah_out, t.ah_in, t.km_speed]
+
+
+def _kind_ok(kind: str, value: Any) -> bool:
+    if value is None:
+        return kind.endswith("?")
+    kind = kind.rstrip("?")
+    if kind == "num":
+        return isinstance(value, int | float) and not isinstance(value, bool) \
+            and math.isfinite(value)
+    if kind in ("point", "totals"):
+        size = 2 if kind == "point" else 5
+        return isinstance(value, list) and len(value) == size \
+            and all(_kind_ok("num", v) for v in value)
+    if kind == "count":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, {"str": str, "bool": bool}[kind])
+
+
+def checked(data: Any, kinds: dict[str, str]) -> dict[str, Any]:
+    """``data`` when it is an object whose keys have ``kinds`` ("num", "count", "str",
+    "bool", "point" [lat, lon], "totals"; "?" allows null), with points as tuples and
+    totals as :class:`Totals`; ValueError naming the first bad key otherwise."""
+    if not isinstance(data, dict):
+        raise ValueError("expected an object")
+    out: dict[str, Any] = {}
+    for key, kind in kinds.items():
+        value = data.get(key)
+        if not _kind_ok(kind, value):
+            raise ValueError(f"{key}: expected {kind}, got {value!r}")
+        if value is not None and kind.startswith("point"):
+            value = (float(value[0]), float(value[1]))
+        elif value is not None and kind.startswith("totals"):
+            value = Totals(*map(float, value))
+        out[key] = value
+    return out
+
+
+class StateFile:
+    """One small JSON state file; a broken one is counted, logged once and ignored."""
+
+    def __init__(self, path: Path | None, name: str, counters: Counters,
+                 rlog: RateLimitedLog) -> None:
+        self.path = path
+        self._name = name
+        self._counters = counters
+        self._rlog = rlog
+
+    def load(self) -> dict[str, Any] | None:
+        """The stored object of the current version, or None (absent or broken)."""
+        if self.path is None:
+            return None
+        try:
+            data = load_json(self.path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            self.broken(str(exc))
+            return None
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            self.broken(f"expected an object with version {STATE_VERSION}")
+            return None
+        return data
+
+    def save(self, value: dict[str, Any]) -> None:
+        """Write ``value`` atomically; a failure is counted and logged."""
+        if self.path is None:
+            return
+        try:
+            save_json(self.path, value)
+        except OSError as exc:
+            self._counters.inc(STATE_FILE_ERRORS)
+            self._rlog.error(f"{self._name}.state_file.save",
+                             f"cannot save the {self._name} state to {self.path}: {exc}")
+
+    def broken(self, why: str) -> None:
+        """Count and log a state file that cannot be used."""
+        self._counters.inc(STATE_FILE_ERRORS)
+        self._rlog.warning(f"{self._name}.state_file.load",
+                           f"ignoring the {self._name} state file {self.path}: {why}")
