@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import tempfile
+import tty
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -68,6 +69,7 @@ async def _demo(args: argparse.Namespace) -> int:
             host=broker.host, port=broker.port, keys=keys)
         settings.state_dir.mkdir()
         gnss_master, gnss_slave = os.openpty()
+        tty.setraw(gnss_slave)  # no echo back to the simulated receiver before the gateway opens it
         ecus = VehicleEcus(VehicleModel(mode=args.mode, soc=args.soc))
         settings = replace(settings, location=demo_location(os.ttyname(gnss_slave), ecus.model))
         gateway = Gateway.build(profile, clock, settings, settings.state_dir)

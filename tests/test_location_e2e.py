@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import tty
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,6 +63,7 @@ async def rig(broker: Mosquitto, tmp_path: Path, channel: str) -> AsyncIterator[
     home = GeofenceSpec("home", "circle", center=(model.lat, model.lon), radius_m=25.0,
                         hysteresis_m=5.0)
     master, slave = os.openpty()
+    tty.setraw(slave)
     where = LocationSettings(
         gnss=GnssSettings(enabled=True, device=os.ttyname(slave), baud=115200, rate_hz=5.0,
                           min_distance_m=5.0),

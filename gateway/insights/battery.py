@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from gateway.config.profile import BatterySpec
 from gateway.health import Counters, RateLimitedLog
 from gateway.insights.energy import PackMeter
 from gateway.insights.sessions import ChargeSession, Trip
+from gateway.insights.spread import SpreadSeries, finite
 from gateway.persist import load_json, save_json
 from gateway.state import SignalState, StateStore, lookup
 
@@ -55,74 +55,6 @@ TRIPS_KEEP = 20
 TRIPS_KEEP_KM = 300.0
 CONSUMPTION_KM = 100.0
 STATE_VERSION = 1
-SPREAD_DAYS = 90
-
-
-def _num(value: object) -> float:
-    """``value`` as a finite float; ValueError for anything else (a state file's field)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"not a number: {value!r}")
-    return float(value)
-
-
-class _SpreadSeries:
-    """Rest spread samples reduced to one median per UTC day, for the last 90 days.
-
-    A median, because one odd sample (a cell still relaxing) must not move a day.
-    """
-
-    def __init__(self) -> None:
-        self.medians: dict[int, float] = {}
-        """Day ordinal -> median spread (mV) of that day's samples."""
-        self.today: list[float] = []
-        """Samples of the newest day, from which its median is kept current."""
-        self.last: tuple[float, float] | None = None
-        """(source timestamp, mV) of the newest sample."""
-
-    def add(self, ts: float, mv: float) -> None:
-        """Add one sample taken at source time ``ts``."""
-        day = datetime.fromtimestamp(ts, UTC).date().toordinal()
-        if self.medians and day != max(self.medians):
-            self.today = []
-        self.today.append(mv)
-        self.medians[day] = statistics.median(self.today)
-        for old in [d for d in self.medians if d <= day - SPREAD_DAYS]:
-            del self.medians[old]
-        self.last = (ts, mv)
-
-    def trend_per_30_days(self) -> float | None:
-        """Least-squares slope of the daily medians, in mV per 30 days; None with fewer
-        than 3 days or when they span less than 2 days."""
-        days = sorted(self.medians)
-        if len(days) < 3 or days[-1] - days[0] < 2:
-            return None
-        mean_x = statistics.fmean(days)
-        mean_y = statistics.fmean(self.medians[d] for d in days)
-        sxy = math.fsum((d - mean_x) * (self.medians[d] - mean_y) for d in days)
-        sxx = math.fsum((d - mean_x) ** 2 for d in days)
-        return sxy / sxx * 30.0
-
-    def as_json(self) -> dict[str, Any]:
-        """The JSON form kept in the state file (days as ISO dates, to be readable)."""
-        return {"days": {date.fromordinal(d).isoformat(): m for d, m in self.medians.items()},
-                "today": list(self.today), "last": list(self.last) if self.last else None}
-
-    @classmethod
-    def from_json(cls, data: Any) -> _SpreadSeries:
-        """Rebuild from :meth:`as_json`; ValueError/TypeError/KeyError on a malformed one."""
-        if not isinstance(data, dict):
-            raise ValueError("spread: not an object")
-        series = cls()
-        series.medians = {date.fromisoformat(d).toordinal(): _num(m)
-                          for d, m in dict(data.get("days", {})).items()}
-        series.today = [_num(v) for v in data.get("today", [])]
-        last = data.get("last")
-        if last is not None:
-            ts, mv = last
-            series.last = (_num(ts), _num(mv))
-        return series
-
-
 class BatteryHealth:
     """The battery-health slots of ``state/battery`` and the state behind them.
 
@@ -146,7 +78,7 @@ class BatteryHealth:
         """(session end, Ah) of the accepted estimates, oldest first."""
         self._trips: list[tuple[float, float, float]] = []
         """(trip end, km, Wh) of recent trips, oldest first."""
-        self._spread = _SpreadSeries()
+        self._spread = SpreadSeries()
         self._rest_since: float | None = None
         self._rest_last: float | None = None
         self._dirty = False
@@ -376,11 +308,11 @@ class BatteryHealth:
             data = load_json(self._file)
             if not isinstance(data, dict) or data.get("version", STATE_VERSION) != STATE_VERSION:
                 raise ValueError("not a version-1 battery state")
-            ah_out, wh_out = _num(data.get("ah_out", 0.0)), _num(data.get("wh_out", 0.0))
-            initial = _num(data.get("initial_cycles", 0.0))
-            capacity = [(_num(ts), _num(ah)) for ts, ah in data.get("capacity", [])]
-            trips = [(_num(end), _num(km), _num(wh)) for end, km, wh in data.get("trips", [])]
-            spread = _SpreadSeries.from_json(data.get("spread", {}))
+            ah_out, wh_out = finite(data.get("ah_out", 0.0)), finite(data.get("wh_out", 0.0))
+            initial = finite(data.get("initial_cycles", 0.0))
+            capacity = [(finite(ts), finite(ah)) for ts, ah in data.get("capacity", [])]
+            trips = [(finite(end), finite(km), finite(wh)) for end, km, wh in data.get("trips", [])]
+            spread = SpreadSeries.from_json(data.get("spread", {}))
             if min(ah_out, wh_out, initial) < 0:
                 raise ValueError("negative throughput")
         except FileNotFoundError:

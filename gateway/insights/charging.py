@@ -37,14 +37,8 @@ from gateway.config.location import InsightSettings
 from gateway.health import Counters, RateLimitedLog
 from gateway.insights.energy import CURRENT, TB, PackMeter, Totals
 from gateway.insights.sessions import ChargeEnd, ChargeSession
-from gateway.insights.trips import (
-    START_GRACE_S,
-    STATE_VERSION,
-    StateFile,
-    checked,
-    plus,
-    totals_json,
-)
+from gateway.insights.state_file import STATE_VERSION, StateFile, checked, plus, totals_json
+from gateway.insights.trips import START_GRACE_S
 from gateway.state import StateStore
 
 IS_CHARGING = f"{TB}.Charging.IsCharging"

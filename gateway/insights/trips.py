@@ -24,7 +24,6 @@ starts from zero, so what was accumulated so far is stored, not raw totals.
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from gateway.gnss.geo import LatLon, distance_m
 from gateway.health import Counters, RateLimitedLog
 from gateway.insights.energy import TB, PackMeter, Totals
 from gateway.insights.sessions import DistanceSource, Trip
-from gateway.persist import load_json, save_json
+from gateway.insights.state_file import STATE_VERSION, StateFile, checked, plus, totals_json
 from gateway.state import SignalState, StateStore
 from gateway.state.mode import IGNITION, READY, SPEED, STANDSTILL_KMH
 
@@ -56,8 +55,6 @@ START_GRACE_S = 10.0
 """ECUs wake at different times: a value first seen this soon after the start still
 counts as the start value."""
 FIX_FRESH_S = 10.0
-STATE_VERSION = 1
-STATE_FILE_ERRORS = "insights.state_file_errors"
 
 _log = logging.getLogger(__name__)
 
@@ -322,96 +319,3 @@ _TRIP_KINDS = {"id": "str", "start": "num", "last_evidence": "num", "so_far": "t
                "parked": "bool", "soc_start": "num?", "soc_end": "num?", "odo_start": "num?",
                "odo_end": "num?", "start_position": "point?", "end_position": "point?",
                "anchor": "point?", "gnss_m": "num", "gnss_fixes": "count", "max_speed": "num?"}
-
-
-# ---- state-file helpers, shared with the charging recorder -------------------------
-
-
-def plus(a: Totals, b: Totals) -> Totals:
-    """The sum of two totals."""
-    return Totals(a.wh_out + b.wh_out, a.wh_in + b.wh_in, a.ah_out + b.ah_out,
-                  a.ah_in + b.ah_in, a.km_speed + b.km_speed)
-
-
-def totals_json(t: Totals) -> list[float]:
-    """Totals as a JSON list (the field order of :class:`Totals`)."""
-    return [t.wh_out, t.wh_in, t.ah_out, t.ah_in, t.km_speed]
-
-
-def _kind_ok(kind: str, value: Any) -> bool:
-    if value is None:
-        return kind.endswith("?")
-    kind = kind.rstrip("?")
-    if kind == "num":
-        return isinstance(value, int | float) and not isinstance(value, bool) \
-            and math.isfinite(value)
-    if kind in ("point", "totals"):
-        size = 2 if kind == "point" else 5
-        return isinstance(value, list) and len(value) == size \
-            and all(_kind_ok("num", v) for v in value)
-    if kind == "count":
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-    return isinstance(value, {"str": str, "bool": bool}[kind])
-
-
-def checked(data: Any, kinds: dict[str, str]) -> dict[str, Any]:
-    """``data`` when it is an object whose keys have ``kinds`` ("num", "count", "str",
-    "bool", "point" [lat, lon], "totals"; "?" allows null), with points as tuples and
-    totals as :class:`Totals`; ValueError naming the first bad key otherwise."""
-    if not isinstance(data, dict):
-        raise ValueError("expected an object")
-    out: dict[str, Any] = {}
-    for key, kind in kinds.items():
-        value = data.get(key)
-        if not _kind_ok(kind, value):
-            raise ValueError(f"{key}: expected {kind}, got {value!r}")
-        if value is not None and kind.startswith("point"):
-            value = (float(value[0]), float(value[1]))
-        elif value is not None and kind.startswith("totals"):
-            value = Totals(*map(float, value))
-        out[key] = value
-    return out
-
-
-class StateFile:
-    """One small JSON state file; a broken one is counted, logged once and ignored."""
-
-    def __init__(self, path: Path | None, name: str, counters: Counters,
-                 rlog: RateLimitedLog) -> None:
-        self.path = path
-        self._name = name
-        self._counters = counters
-        self._rlog = rlog
-
-    def load(self) -> dict[str, Any] | None:
-        """The stored object of the current version, or None (absent or broken)."""
-        if self.path is None:
-            return None
-        try:
-            data = load_json(self.path)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            self.broken(str(exc))
-            return None
-        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
-            self.broken(f"expected an object with version {STATE_VERSION}")
-            return None
-        return data
-
-    def save(self, value: dict[str, Any]) -> None:
-        """Write ``value`` atomically; a failure is counted and logged."""
-        if self.path is None:
-            return
-        try:
-            save_json(self.path, value)
-        except OSError as exc:
-            self._counters.inc(STATE_FILE_ERRORS)
-            self._rlog.error(f"{self._name}.state_file.save",
-                             f"cannot save the {self._name} state to {self.path}: {exc}")
-
-    def broken(self, why: str) -> None:
-        """Count and log a state file that cannot be used."""
-        self._counters.inc(STATE_FILE_ERRORS)
-        self._rlog.warning(f"{self._name}.state_file.load",
-                           f"ignoring the {self._name} state file {self.path}: {why}")
