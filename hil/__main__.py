@@ -62,13 +62,16 @@ async def _demo(args: argparse.Namespace) -> int:
     channel = "ev-gateway-demo"
     stop = stop_event(args.duration)
     with tempfile.TemporaryDirectory(prefix="ev-gateway-demo-") as tmp, \
-            Mosquitto(Path(tmp) / "broker", nodelay=True) as broker:
+            Mosquitto(Path(tmp) / "broker", nodelay=True) as broker, \
+            contextlib.ExitStack() as stack:
         keys = _demo_keys(Path(tmp))
         settings = with_overrides(
             default_settings(DEMO_VEHICLE, Path(args.profile), Path(tmp) / "state"),
             host=broker.host, port=broker.port, keys=keys)
         settings.state_dir.mkdir()
         gnss_master, gnss_slave = os.openpty()
+        stack.callback(os.close, gnss_master)
+        stack.callback(os.close, gnss_slave)
         tty.setraw(gnss_slave)  # no echo back to the simulated receiver before the gateway opens it
         ecus = VehicleEcus(VehicleModel(mode=args.mode, soc=args.soc))
         settings = replace(settings, location=demo_location(os.ttyname(gnss_slave), ecus.model))
@@ -99,8 +102,6 @@ async def _demo(args: argparse.Namespace) -> int:
             if script is not None:
                 await script
             close_quietly(sim_bus)
-            os.close(gnss_master)
-            os.close(gnss_slave)
     return 0
 
 

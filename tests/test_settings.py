@@ -389,3 +389,15 @@ def test_commented_keys_in_the_example_are_valid_and_documented(tmp_path):
     assert s.location.gnss.enabled and len(s.location.geofences) == 2
     assert s.location.insights.energy_price_per_kwh is not None
     assert len(keys) == 56, "every key the loader accepts is in the example"
+
+
+@pytest.mark.parametrize(("extra", "enabled"), [
+    ("", False),
+    ("[gnss]\n", True),
+    ('[gnss]\ndevice = "/dev/serial0"\n', True),
+    ("[gnss]\nenabled = false\n", False),
+])
+def test_a_gnss_table_enables_the_receiver_even_when_empty(tmp_path: Path, extra: str,
+                                                          enabled: bool) -> None:
+    settings = load_settings(_write(tmp_path, MINIMAL + extra))
+    assert settings.location.gnss.enabled is enabled

@@ -101,6 +101,10 @@ class Location:
         self.tasks.clear()
 
 
+def _ignoring_arg(fn: Callable[[], None]) -> Callable[[Any], None]:
+    return lambda _: fn()
+
+
 def _log_only(kind: str, data: Mapping[str, Any]) -> None:
     log.info("%s: %s", kind, dict(data))
 
@@ -126,16 +130,16 @@ class Outputs:
         self.events(kind, data)
 
     def trip(self, trip: Trip) -> None:
-        """A finished trip."""
+        """A finished trip: published and logged first, then battery health learns from it."""
+        self._finished("trip", trip)
         if self.battery is not None:
             self.battery.on_trip(trip)
-        self._finished("trip", trip)
 
     def charge(self, session: ChargeSession) -> None:
-        """A finished charging session."""
+        """A finished charging session, likewise."""
+        self._finished("charge_session", session)
         if self.battery is not None:
             self.battery.on_charge(session)
-        self._finished("charge_session", session)
 
     def _finished(self, kind: str, record: Trip | ChargeSession) -> None:
         data = record.as_dict()
@@ -156,6 +160,8 @@ class Insights:
     """Trips, charging sessions, battery health, geofences, moved-while-parked."""
 
     clock: Clock
+    counters: Counters
+    rlog: RateLimitedLog
     outputs: Outputs
     meter: PackMeter
     trips: TripRecorder
@@ -179,16 +185,19 @@ class Insights:
         out = Outputs(None if state_dir is None
                       else InsightLog(state_dir / "insights.sqlite", counters, rlog))
         meter = PackMeter(store, counters)
-        pipeline.listeners.append(meter.on_batch)
         battery = out.battery = BatteryHealth(store, meter, pipeline.profile.battery, clock,
                                               counters, rlog, file("battery.json"))
         cfg = settings.insights
-        ins = cls(clock, out, meter,
+        ins = cls(clock, counters, rlog, out, meter,
                   TripRecorder(store, meter, clock, cfg, out.trip, file("trip.json"),
                                max_hdop=settings.gnss.max_hdop, counters=counters),
                   ChargeRecorder(store, meter, clock, cfg, out.charge, file("charge.json"),
                                  counters=counters),
                   battery)
+        pipeline.listeners.append(ins.guarded("meter", meter.on_batch))
+        if location is None and settings.geofences:
+            log.warning("insights: %d geofence(s) configured but GNSS is off ([gnss]); "
+                        "they are not evaluated", len(settings.geofences))
         if location is not None:
             max_hdop = settings.gnss.max_hdop
             location.listeners.append(ins.trips.on_fix)
@@ -208,6 +217,17 @@ class Insights:
             await self.outputs.journal.open()
         self.tasks.append(asyncio.create_task(self._run(), name="insights"))
 
+    def guarded(self, name: str, step: Callable[[Any], None]) -> Callable[[Any], None]:
+        """``step`` with its exceptions counted (``insights.errors.<name>``) and logged once:
+        a bug in one estimator must cost its own figure, not the decode task or the others."""
+        def run(arg: Any) -> None:
+            try:
+                step(arg)
+            except Exception as exc:
+                self.counters.inc(f"insights.errors.{name}")
+                self.rlog.error(f"insights.errors.{name}", f"insights: {name} failed: {exc!r}")
+        return run
+
     async def _run(self) -> None:
         next_save = self.clock.monotonic() + SAVE_EVERY_S
         while True:
@@ -219,20 +239,24 @@ class Insights:
 
     def tick(self, now: float) -> None:
         """One evaluation of every periodic estimator (public for tests on a manual clock)."""
-        self.trips.update(now)
-        self.charges.update(now)
-        self.battery.update(now)
+        updates: list[tuple[str, Callable[[float], None]]] = [
+            ("trips", self.trips.update), ("charges", self.charges.update),
+            ("battery", self.battery.update)]
         if self.parked is not None:
-            self.parked.update(now)
+            updates.append(("parked", self.parked.update))
+        for name, update in updates:
+            self.guarded(name, update)(now)
 
     def save(self) -> None:
         """Write open trips, sessions and battery totals to the state directory."""
-        self.trips.save()
-        self.charges.save()
-        self.battery.save()
-        for part in (self.geofences, self.parked):
-            if part is not None:
-                part.save()
+        saves: list[tuple[str, Callable[[], None]]] = [
+            ("trips", self.trips.save), ("charges", self.charges.save),
+            ("battery", self.battery.save)]
+        saves += [(name, part.save) for name, part in (("geofences", self.geofences),
+                                                         ("parked", self.parked))
+                  if part is not None]
+        for name, save in saves:
+            self.guarded(name, _ignoring_arg(save))(None)
 
     async def stop(self) -> None:
         """Stop the estimators, save their state and close the local log."""

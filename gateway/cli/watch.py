@@ -75,6 +75,10 @@ def _num(value: Any, fmt: str, unit: str = "") -> str:
     return f"{value:{fmt}}{unit}" if isinstance(value, int | float) else "?"
 
 
+def _minutes(seconds: Any) -> float | None:
+    return seconds / 60 if isinstance(seconds, int | float) else None
+
+
 def insight_lines(fleet: FleetView) -> list[str]:
     """Position, last trip and last charge, when the vehicle has published them."""
     lines = []
@@ -89,7 +93,7 @@ def insight_lines(fleet: FleetView) -> list[str]:
     if trip is not None:
         lines.append(
             f"LAST TRIP {_num(trip.get('distance_km'), '.2f', ' km')} "
-            f"({trip.get('distance_source')}) in {_num(trip.get('duration_s', 0) / 60, '.1f')}"
+            f"({trip.get('distance_source')}) in {_num(_minutes(trip.get('duration_s')), '.1f')}"
             f" min, {_num(trip.get('energy_wh'), '.0f', ' Wh')} "
             f"({_num(trip.get('wh_per_km'), '.0f', ' Wh/km')}), regen "
             f"{_num(trip.get('regen_wh'), '.0f', ' Wh')}, SoC used "
@@ -101,7 +105,7 @@ def insight_lines(fleet: FleetView) -> list[str]:
             f"LAST CHARGE {_num(charge.get('soc_start'), '.0f')} -> "
             f"{_num(charge.get('soc_end'), '.0f', ' %')}, "
             f"{_num(charge.get('energy_wh'), '.0f', ' Wh')} in "
-            f"{_num(charge.get('duration_s', 0) / 60, '.1f')} min, max "
+            f"{_num(_minutes(charge.get('duration_s')), '.1f')} min, max "
             f"{_num(charge.get('max_power_w'), '.0f', ' W')}, "
             f"{charge.get('interruptions')} interruptions ({charge.get('end_reason')})")
     return lines

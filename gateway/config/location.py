@@ -78,8 +78,9 @@ class LocationSettings:
     insights: InsightSettings = field(default_factory=InsightSettings)
 
 
-def parse_gnss(t: Table) -> GnssSettings:
-    """``[gnss]``; present means enabled unless ``enabled = false``."""
+def parse_gnss(t: Table, present: bool = False) -> GnssSettings:
+    """``[gnss]``; a ``present`` table (even an empty one) means enabled unless
+    ``enabled = false``."""
     t.check_keys(["enabled", "device", "baud", "rate_hz", "max_hdop", "min_distance_m",
                   "min_interval_s", "max_interval_s", "parked_interval_s",
                   "heading_change_deg"])
@@ -96,7 +97,7 @@ def parse_gnss(t: Table) -> GnssSettings:
     if max_interval < min_interval:
         t.fail("max_interval_s", f"expected at least min_interval_s ({min_interval:g})")
     return GnssSettings(
-        enabled=t.opt_bool("enabled", bool(t.data)),
+        enabled=t.opt_bool("enabled", present or bool(t.data)),
         device=device,
         baud=baud,
         rate_hz=rate,

@@ -205,7 +205,8 @@ def load_settings(path: str | Path) -> Settings:
     if state_dir.exists() and not state_dir.is_dir():
         gw.fail("state_dir", f"not a directory: {state_dir}")
     settings = _assemble(vehicle_id, profile, state_dir, sections, file.parent, str(file))
-    return replace(settings, location=replace(settings.location,
+    gnss = parse_gnss(sections["gnss"], present="gnss" in data)
+    return replace(settings, location=replace(settings.location, gnss=gnss,
                                               geofences=parse_geofences(fences)))
 
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 DistanceSource = Literal["odometer", "gnss", "speed"]
-ChargeEnd = Literal["unplugged", "stopped", "gateway_restart"]
+ChargeEnd = Literal["unplugged", "stopped", "driven_off", "gateway_restart"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ class Trip:
     end_position: tuple[float, float] | None
     cost: float | None = None
     currency: str = ""
+    complete: bool = True
+    """False when part of the trip was not observed (a gateway restart, a gap in the pack
+    samples): its totals are then a lower bound, and battery health does not learn from it."""
 
     def as_dict(self) -> dict[str, Any]:
         """The ``data`` of a ``trip`` event (rounded for people, not for the sums)."""
@@ -67,6 +70,9 @@ class ChargeSession:
     end_reason: ChargeEnd
     cost: float | None = None
     currency: str = ""
+    complete: bool = True
+    """False when part of the session was not observed (a gateway restart, a gap in the
+    pack samples): no capacity estimate is taken from it."""
 
     def as_dict(self) -> dict[str, Any]:
         """The ``data`` of a ``charge_session`` event."""

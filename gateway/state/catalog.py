@@ -175,7 +175,7 @@ _ENTRIES = [
                  "Range left at the recent consumption"),
     CatalogEntry(f"{TB}.CellVoltage.Spread", "mV", "number", "battery",
                  "Highest minus lowest cell voltage at rest"),
-    CatalogEntry(f"{TB}.CellVoltage.SpreadTrend", "mV", "number", "battery",
+    CatalogEntry(f"{TB}.CellVoltage.SpreadTrend", "mV/30d", "number", "battery",
                  "Change of the rest spread per 30 days (least squares)"),
 ]
 
