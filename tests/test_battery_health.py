@@ -7,6 +7,7 @@ through real state-store slots with hand-computed expectations.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterable
@@ -19,6 +20,7 @@ import pytest
 from gateway.app import Pipeline
 from gateway.clock import ManualClock
 from gateway.config import load_profile
+from gateway.config.location import InsightSettings
 from gateway.config.profile import BatterySpec
 from gateway.health import Counters, RateLimitedLog
 from gateway.insights.battery import (
@@ -36,12 +38,14 @@ from gateway.insights.battery import (
     TREND,
     BatteryHealth,
 )
+from gateway.insights.charging import ChargeRecorder
 from gateway.insights.energy import VOLTAGE, PackMeter, Totals
 from gateway.insights.sessions import ChargeSession, Trip
 from gateway.state import SignalState, StateStore, lookup
 from hil.sim.ecus import generate
 from hil.sim.model import CAPACITY_AH, VehicleModel
 from tests.conftest import REF_PROFILE
+from tests.insight_sim import FastModel, InsightSim
 
 START = ManualClock().time()
 SPEC = BatterySpec(capacity_ah=120.0, nominal_voltage=96.0)
@@ -156,8 +160,48 @@ def test_cycles_from_a_drive_match_the_model_and_survive_a_restart(tmp_path: Pat
     second.feed(generate(model, 150.0, step=0.02, start=START + 200.0))
     assert value(second.store, CYCLES) == pytest.approx(model.ah_out / CAPACITY_AH, rel=0.01)
     assert json.loads(state.read_text())["ah_out"] < model.ah_out  # not saved since
-    second.health.save()
+    second.health.save()  # throughput alone waits ten minutes...
+    assert json.loads(state.read_text())["ah_out"] < model.ah_out
+    second.health.save(force=True)  # ...unless the gateway is stopping
     assert json.loads(state.read_text())["ah_out"] == pytest.approx(model.ah_out, rel=0.01)
+
+
+def test_the_state_file_is_written_on_change_and_throughput_every_ten_minutes(
+        tmp_path: Path) -> None:
+    state = tmp_path / "battery.json"
+    store = bare(VOLTAGE, CURRENT, stale_after=5.0)
+    clock = ManualClock(DAY0)
+    counters = Counters()
+    meter = PackMeter(store, counters)
+    health = BatteryHealth(store, meter, SPEC, clock, counters,
+                           RateLimitedLog(logging.getLogger("test.battery"), clock), state)
+
+    def discharge(seconds: int) -> None:
+        for _ in range(seconds):  # 100 V x 36 A out of the pack: 1 Ah per 100 s
+            clock.advance(1.0)
+            store.slot(VOLTAGE).set(100.0, clock.time())
+            store.slot(CURRENT).set(-36.0, clock.time())
+            meter.on_batch()
+            health.update(clock.time())
+
+    def written_ah() -> float | None:
+        return json.loads(state.read_text())["ah_out"] if state.exists() else None
+
+    health.save()
+    assert written_ah() == 0.0
+    state.unlink()
+    health.save()
+    assert written_ah() is None  # nothing changed: no write
+    discharge(300)
+    health.save()
+    assert written_ah() is None  # throughput alone, 5 minutes after the last write
+    discharge(300)
+    health.save()
+    assert written_ah() == pytest.approx(5.99)  # 10 minutes: the first sample starts the sum
+    discharge(100)
+    health.on_trip(trip(1, 10.0, 1200.0))  # anything else is written at once, throughput too
+    assert written_ah() == pytest.approx(6.99)
+    assert len(json.loads(state.read_text())["trips"]) == 1
 
 
 def test_cycles_continue_from_a_seeded_count(tmp_path: Path) -> None:
@@ -173,7 +217,7 @@ def test_cycles_continue_from_a_seeded_count(tmp_path: Path) -> None:
 
 
 @dataclass
-class DcFastCharge(VehicleModel):
+class DcFastCharge(FastModel):
     """The reference car on a 3C DC charger (constant current up to the charge limit).
 
     Only the charger differs from the model's 3.3 kW on-board one, so that 60 points of
@@ -233,6 +277,47 @@ def test_capacity_from_a_20_to_80_charge_is_within_3_percent(charged: SimulatedC
     assert store.slot(CAPACITY).timestamp == charged.full.end
 
 
+def test_a_charge_partly_unseen_gives_no_capacity(tmp_path: Path) -> None:
+    """The gateway restarts mid-charge and misses a third of it: the SoC rose over the whole
+    charge but only two thirds of its charge were counted, which looks like an 80 Ah pack."""
+    sim = InsightSim(model=DcFastCharge(mode="park", soc=20.0, charge_limit=80), gnss=False,
+                     messages={"BMS_Pack", "BMS_Soc", "BMS_Charge", "BCM_Status"})
+    sessions: list[ChargeSession] = []
+
+    def attach() -> ChargeRecorder:
+        health = BatteryHealth(sim.store, sim.meter, SPEC, sim.clock, sim.counters,
+                               sim.pipeline.rlog)
+
+        def on_session(session: ChargeSession) -> None:
+            sessions.append(session)
+            health.on_charge(session)
+
+        recorder = ChargeRecorder(sim.store, sim.meter, sim.clock, InsightSettings(),
+                                  on_session, tmp_path / "charge.json", counters=sim.counters)
+        sim.each_second.append(recorder.update)
+        return recorder
+
+    first = attach()
+    sim.park(2, bus_awake=True)
+    sim.charge(150)
+    first.save()  # as the wiring does every minute
+    sim.stop_gateway()
+    sim.charge(150)
+    sim.start_gateway()
+    attach()
+    sim.charge(150)
+    sim.park(5, bus_awake=True)
+    assert len(sessions) == 1
+    session = sessions[0]
+    assert session.soc_start is not None and session.soc_end is not None
+    rise = session.soc_end - session.soc_start
+    assert rise == pytest.approx(37.5, abs=0.5)
+    assert session.ah / (rise / 100.0) == pytest.approx(80.0, rel=0.02)  # within the bounds
+    assert not session.complete
+    assert sim.counters.get("insights.capacity_skipped_incomplete") == 1
+    assert sim.store.slot(CAPACITY).timestamp is None
+
+
 def test_a_ten_point_charge_gives_no_estimate(charged: SimulatedCharge) -> None:
     store = bare(VOLTAGE, CURRENT)
     health, _ = health_on(store)
@@ -280,6 +365,17 @@ def test_consumption_is_weighted_by_distance_over_the_last_100_km() -> None:
     # Newest first until 100 km: 2 + 60 + 50 km; (600 + 7200 + 5000) / 112 = 114.29.
     assert value(store, CONSUMPTION) == 114.3
     assert store.slot(CONSUMPTION).timestamp == DAY0 + 3600.0 * 5
+
+
+def test_an_incomplete_trip_is_no_consumption_sample() -> None:
+    store = bare(VOLTAGE, CURRENT)
+    health, counters = health_on(store)
+    # A restart mid-trip: 10 km seen, but only part of its energy (a lower bound).
+    health.on_trip(dataclasses.replace(trip(1, 10.0, 600.0), complete=False))
+    assert store.slot(CONSUMPTION).timestamp is None
+    assert counters.get("insights.consumption_skipped_incomplete") == 1
+    health.on_trip(trip(2, 10.0, 1200.0))
+    assert value(store, CONSUMPTION) == 120.0
 
 
 def test_range_from_soc_and_consumption_goes_stale_with_the_soc() -> None:

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from gateway.config.location import InsightSettings
-from gateway.insights.charging import ChargeRecorder
+from gateway.insights.charging import CABLE, ChargeRecorder
 from gateway.insights.sessions import ChargeSession
+from gateway.state.mode import IGNITION, READY, SPEED
 from hil.sim.model import CHARGER_POWER_W
 from tests.insight_sim import FastModel, InsightSim, Truth, profile_without
 
@@ -97,6 +98,7 @@ def test_twenty_minutes_give_one_session_with_the_model_energy(twenty_minutes: C
     assert truth.energy_in_wh == pytest.approx(CHARGER_POWER_W * 1200 / 3600, rel=0.01)
     assert_energy(session, truth)
     assert session.interruptions == 0
+    assert session.complete
     assert session.cost == pytest.approx(session.energy_wh / 1000 * 0.3)
     assert session.currency == "EUR"
 
@@ -220,6 +222,7 @@ def test_a_restart_mid_session_continues_it(tmp_path: Path) -> None:
     assert session.id == first["id"]
     assert session.interruptions == 0
     assert_energy(session, end.since(start))
+    assert not session.complete  # nothing was lost here, but a restart may lose anything
     assert json.loads(state.read_text()) == {"version": 1, "session": None}
 
 
@@ -245,6 +248,7 @@ def test_a_session_whose_data_is_gone_after_a_restart_ends_as_such(tmp_path: Pat
     assert session.end_reason == "gateway_restart"
     assert end.at - 1.0 <= session.end <= end.at
     assert_energy(session, end.since(start))
+    assert not session.complete
 
 
 def test_a_broken_state_file_is_counted_and_ignored(tmp_path: Path) -> None:
@@ -256,3 +260,112 @@ def test_a_broken_state_file_is_counted_and_ignored(tmp_path: Path) -> None:
     assert sim.counters.get("insights.state_file_errors") == 1
     sim.charge(30)
     assert rig.recorder.current() is not None
+
+
+def test_the_state_file_is_written_only_when_it_changes(tmp_path: Path) -> None:
+    state = tmp_path / "charge.json"
+    sim = plugged_car()
+    rig = attach(sim, state_file=state)
+    rig.recorder.save()
+    assert json.loads(state.read_text()) == {"version": 1, "session": None}
+    state.unlink()
+    sim.park(5, bus_awake=True)
+    rig.recorder.save()
+    assert not state.exists()  # nothing open and nothing changed: no write
+    sim.charge(30)
+    opened = json.loads(state.read_text())["session"]  # written when the session opened
+    rig.recorder.save()
+    assert json.loads(state.read_text())["session"]["so_far"] != opened["so_far"]
+    state.unlink()
+    rig.recorder.save()
+    assert not state.exists()
+
+
+def test_a_finished_session_is_handed_on_before_its_state_file_is_cleared(
+        tmp_path: Path) -> None:
+    """The consumer stores the record durably; until it has, a power cut must find the
+    session in the state file (and repeat it under the same id) rather than lose it."""
+    state = tmp_path / "charge.json"
+    sim = plugged_car()
+    in_file: list[tuple[str, Any]] = []
+
+    def on_session(session: ChargeSession) -> None:
+        in_file.append((session.id, json.loads(state.read_text())["session"]))
+
+    recorder = ChargeRecorder(sim.store, sim.meter, sim.clock, SETTINGS, on_session, state,
+                              counters=sim.counters)
+    sim.each_second.append(recorder.update)
+    sim.charge(30)
+    sim.park(5, bus_awake=True)
+    assert len(in_file) == 1
+    session_id, stored = in_file[0]
+    assert stored is not None
+    assert stored["id"] == session_id
+    assert json.loads(state.read_text()) == {"version": 1, "session": None}
+
+
+# ---- driving off, and gaps ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("unmapped", "reason"), [
+    ((CABLE,), "driven_off"), ((CABLE, READY, IGNITION, SPEED), "stopped")])
+def test_regeneration_after_driving_off_is_not_charge(unmapped: tuple[str, ...],
+                                                      reason: str) -> None:
+    """A car that does not report its cable, charged and then driven off: regeneration on
+    the road neither keeps the session open nor adds to it. The session ends at the first
+    sign of driving; on a car that reports none, ``charge_end_s`` after the charge."""
+    sim = plugged_car(profile=profile_without(*unmapped))
+    rig = attach(sim)
+    sim.park(2, bus_awake=True)
+    start = sim.truth()
+    sim.charge(300)
+    end = sim.truth()
+    sim.drive(END_S + 10)
+    assert sim.truth().since(end).energy_in_wh > 5  # regeneration did flow into the pack
+    assert [s.end_reason for s in rig.sessions] == [reason]
+    session = rig.sessions[0]
+    assert end.at - 1.0 <= session.end <= end.at
+    assert reason != "driven_off" or rig.emitted_at[0] <= end.at + 1.0  # at once
+    assert_energy(session, end.since(start))
+    assert session.max_power_w == pytest.approx(CHARGER_POWER_W, rel=0.01)
+    assert (session.interruptions, session.complete) == (0, True)
+
+
+def test_a_gap_in_the_pack_samples_makes_a_session_incomplete() -> None:
+    """A BMS silent for 5 s mid-charge: what flowed then is unknown. A silence after the
+    charge stopped, with the cable still in, leaves the session's energy whole."""
+    sim = plugged_car()
+    rig = attach(sim)
+    for paused in (False, True):
+        start = sim.truth()
+        sim.charge(60)
+        stopped = sim.truth()
+        if paused:
+            sim.pause_charger()
+            sim.charge(40)
+        sim.ecus.silenced.add("BMS")
+        sim.run(5)
+        sim.ecus.silenced.discard("BMS")
+        sim.run(20)
+        sim.park(5, bus_awake=True)
+        sim.resume_charger()
+    assert sim.counters.get("insights.energy_gaps") == 2
+    assert [s.end_reason for s in rig.sessions] == ["unplugged", "unplugged"]
+    assert [s.complete for s in rig.sessions] == [False, True]
+    assert_energy(rig.sessions[1], stopped.since(start))
+
+
+def test_ignition_on_while_plugged_in_is_not_driving_off() -> None:
+    """Preconditioning: the driver switches the ignition on with the cable in. Only the
+    cable coming out (or motion) ends the session."""
+    sim = plugged_car()
+    rig = attach(sim)
+    sim.park(5, bus_awake=True)
+    start = sim.truth()
+    sim.ecus.overrides["BCM_Status"] = {"BCM_Ignition": 2}  # ON
+    sim.charge(120)
+    end = sim.truth()
+    sim.ecus.overrides.clear()
+    sim.park(10, bus_awake=True)
+    assert [s.end_reason for s in rig.sessions] == ["unplugged"]
+    assert_energy(rig.sessions[0], end.since(start))

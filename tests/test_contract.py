@@ -424,7 +424,7 @@ def test_a_simulated_drive_and_charge_publish_records_that_follow_the_contract()
     (_, trip_event), (_, last_trip), (_, charge_event), (_, last_charge) = sent
     assert trip_event["data"] == last_trip["trip"]
     assert charge_event["data"] == last_charge["session"]
-    assert last_trip["trip"]["distance_source"] == "odometer"
+    assert last_trip["trip"]["distance_source"] == "gnss"  # a 60 s hop: under 2 km
     assert last_trip["trip"]["currency"] == last_charge["session"]["currency"] == "EUR"
     assert last_charge["session"]["end_reason"] == "unplugged"
 

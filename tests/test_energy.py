@@ -96,6 +96,21 @@ def test_invalid_readings_break_the_chain() -> None:
     assert sim.meter.power_w is not None
 
 
+def test_a_clock_set_back_is_a_gap_and_the_meter_goes_on_from_there() -> None:
+    """The wall clock jumps back 30 s mid-drive (the frames' timestamps with it): one gap,
+    and the drive after the jump is integrated at once, not only once time catches up."""
+    sim = InsightSim()
+    sim.drive(30)
+    sim.start -= 30.0  # every later frame is stamped 30 s earlier than it would have been
+    sim.drive(40)
+    truth, got = sim.truth(), sim.meter.totals
+    assert sim.counters.get(GAPS) == 1
+    # Only the 20 ms interval across the jump is missing (<= 60 kW x 20 ms = 0.33 Wh).
+    assert got.wh_out == pytest.approx(truth.energy_out_wh, abs=0.35)
+    assert got.ah_out == pytest.approx(truth.ah_out, abs=0.004)
+    assert got.km_speed == pytest.approx(truth.distance_km, abs=0.001)
+
+
 def test_a_sleeping_bus_adds_nothing_and_the_same_batch_counts_once() -> None:
     sim = InsightSim()
     sim.park(10, bus_awake=True)

@@ -214,6 +214,19 @@ def test_a_repeated_epoch_is_not_a_second_confirmation(tmp_path: Path) -> None:
     assert rig.events == [] and rig.counters.get("insights.geofence_fix_repeated") == 1
 
 
+def test_a_clock_step_backwards_does_not_stop_fixes_from_counting(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.at(100.0, 100.0)
+    stepped = rig.clock.time() - 3600.0  # NTP pulled the wall clock back an hour
+    outside = depot_point(-300.0)
+    rig.fences.on_fix(make_fix(outside, stepped))
+    assert rig.events == []
+    rig.fences.on_fix(make_fix(outside, stepped + 1.0))
+    assert rig.kinds() == ["geofence_exited"]
+    assert rig.events[0][1]["ts"] == round(stepped + 1.0, 3)
+    assert rig.counters.get("insights.geofence_fix_repeated") == 0
+
+
 def test_restart_with_a_state_file_reports_the_exit(tmp_path: Path) -> None:
     first = Rig(tmp_path)
     first.at(100.0, 100.0)

@@ -266,3 +266,21 @@ def test_malformed_fields_refuse_the_sentence(
     assert parser.flush(2.0) is None  # nothing of it entered an epoch
     assert counters.snapshot("gnss.") == {"gnss.errors.malformed": 1}
     assert [r.exc_info for r in caplog.records] == [None]
+
+
+def test_a_flood_of_gsa_without_a_timed_sentence_is_bounded(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    parser, counters = make_parser()
+    # 80 GSAs, twelve new satellites each, and never a time or a quiet line to end the epoch.
+    for k in range(80):
+        svs = ",".join(f"{12 * k + n:02d}" for n in range(1, 13))
+        assert parser.feed(nmea(f"GNGSA,A,3,{svs},1.2,0.7,1.0,1"), 1.0 + k * 0.01) is None
+    assert counters.get("gnss.gsa_dropped") == 80 - 16
+    assert counters.get("gnss.sentences") == 16
+    messages = {r.getMessage() for r in caplog.records}  # this log never holds back
+    assert messages == {"GNSS: more than 16 GSA sentences in one epoch; "
+                        "the extra ones are ignored"}
+    # The epoch still completes normally, with only what it took in.
+    fix = epoch(parser, [UBX_GGA], received=2.0)
+    assert fix.fix_type == "THREE_D" and fix.satellites == 16 * 12

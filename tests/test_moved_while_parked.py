@@ -15,7 +15,14 @@ from gateway.clock import ManualClock
 from gateway.gnss.fix import Fix
 from gateway.gnss.geo import EARTH_RADIUS_M, distance_m
 from gateway.health import Counters
-from gateway.insights.parked import ALERT_KEY, IGNITION, LATITUDE, READY, MovedWhileParked
+from gateway.insights.parked import (
+    ALERT_KEY,
+    IGNITION,
+    LATITUDE,
+    ODOMETER,
+    READY,
+    MovedWhileParked,
+)
 from gateway.state import SignalState, StateStore, lookup
 
 M_PER_DEG_LAT = math.pi * EARTH_RADIUS_M / 180.0
@@ -48,7 +55,8 @@ class Car:
                  threshold: float = 100.0) -> None:
         self.clock = clock or ManualClock()
         self.store = StateStore()
-        for path, stale in ((IGNITION, STALE_S), (READY, STALE_S), (LATITUDE, 3.0)):
+        for path, stale in ((IGNITION, STALE_S), (READY, STALE_S), (LATITUDE, 3.0),
+                            (ODOMETER, STALE_S)):
             entry = lookup(path)
             assert entry is not None
             self.store.register(SignalState(path, entry.unit, entry.kind, entry.group, stale))
@@ -60,27 +68,32 @@ class Car:
                                     state_file=self.state_file, confirm=2,
                                     counters=self.counters)
 
-    def bus(self, ignition: str | None, ready: bool | None = None) -> None:
+    def bus(self, ignition: str | None, ready: bool | None = None,
+            odometer: float | None = None) -> None:
         """One bus frame now, then the once-a-second evaluation."""
         now = self.clock.time()
         if ignition is not None:
             self.store.slot(IGNITION).set(ignition, now)
         if ready is not None:
             self.store.slot(READY).set(ready, now)
+        if odometer is not None:
+            self.store.slot(ODOMETER).set(odometer, now)
         self.mwp.update(now)
 
     def tick(self, seconds: float = 1.0) -> None:
         self.clock.advance(seconds)
         self.mwp.update(self.clock.time())
 
-    def fix(self, point: tuple[float, float], hdop: float = 1.0) -> None:
+    def fix(self, point: tuple[float, float], hdop: float = 1.0,
+            received: float | None = None) -> None:
+        """A fix a second later (``received`` overrides its time, as a clock step would)."""
         self.clock.advance(1.0)
-        t = self.clock.time()
+        t = self.clock.time() if received is None else received
         self.mwp.on_fix(Fix(t, t, "THREE_D", point[0], point[1], 40.0, 0.0, None, 10, hdop))
-        self.mwp.update(t)
+        self.mwp.update(self.clock.time())
 
-    def park_at(self, point: tuple[float, float]) -> None:
-        self.bus("OFF", ready=False)
+    def park_at(self, point: tuple[float, float], odometer: float | None = None) -> None:
+        self.bus("OFF", ready=False, odometer=odometer)
         assert self.mwp.parked
         self.fix(point)
         assert self.mwp.anchor == point
@@ -138,7 +151,8 @@ def test_anchor_survives_a_restart(tmp_path: Path) -> None:
     clock = ManualClock()
     first = Car(tmp_path, clock)
     first.park_at(HOME)
-    assert json.loads(first.state_file.read_text()) == {"parked": True, "anchor": list(HOME)}
+    assert json.loads(first.state_file.read_text()) == {"parked": True, "anchor": list(HOME),
+                                                        "odometer": None}
     clock.advance(8 * 3600.0)  # the head unit reboots overnight; the bus is asleep
     second = Car(tmp_path, clock)
     assert second.mwp.parked and second.mwp.anchor == HOME
@@ -175,7 +189,8 @@ def test_ignition_on_clears_and_resets_the_anchor(tmp_path: Path) -> None:
     assert [k for k, _ in car.sink.transitions] == ["raised", "cleared"]
     assert car.sink.transitions[1][1].source_ts == car.clock.time()
     assert car.book.active() == []
-    assert json.loads(car.state_file.read_text()) == {"parked": False, "anchor": None}
+    assert json.loads(car.state_file.read_text()) == {"parked": False, "anchor": None,
+                                                      "odometer": None}
     car.fix(north_of(HOME, 900.0))  # driving: no anchor, no alert
     car.fix(north_of(HOME, 950.0))
     assert car.mwp.anchor is None and len(car.raised()) == 1
@@ -212,7 +227,8 @@ def test_no_anchor_before_parking_and_not_from_poor_fixes(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("content", ["{", '{"parked": "yes", "anchor": null}',
-                                     '{"parked": true, "anchor": [1]}', "[]"])
+                                     '{"parked": true, "anchor": [1]}', "[]",
+                                     '{"parked": true, "anchor": null, "odometer": "12"}'])
 def test_broken_state_file_is_counted_and_treated_as_absent(tmp_path: Path,
                                                             content: str) -> None:
     (tmp_path / "parked.json").write_text(content)
@@ -221,3 +237,69 @@ def test_broken_state_file_is_counted_and_treated_as_absent(tmp_path: Path,
     assert not car.mwp.parked and car.mwp.anchor is None
     car.park_at(HOME)
     assert json.loads(car.state_file.read_text())["anchor"] == list(HOME)
+
+
+def test_restored_anchor_is_dropped_when_the_car_was_driven_meanwhile(tmp_path: Path) -> None:
+    clock = ManualClock()
+    first = Car(tmp_path, clock)
+    first.park_at(HOME, odometer=1234.5)
+    assert json.loads(first.state_file.read_text())["odometer"] == 1234.5
+    # The gateway is down while the car is driven 2.3 km and parked again.
+    clock.advance(3600.0)
+    second = Car(tmp_path, clock)
+    assert second.mwp.parked and second.mwp.anchor == HOME
+    elsewhere = north_of(HOME, 2000.0)
+    second.bus("OFF", ready=False, odometer=1236.8)
+    for _ in range(5):
+        second.fix(elsewhere)
+    assert second.sink.transitions == []
+    assert second.mwp.anchor == elsewhere
+    assert second.counters.get("insights.parked_reanchored") == 1
+    assert json.loads(second.state_file.read_text()) == {
+        "parked": True, "anchor": list(elsewhere), "odometer": 1236.8}
+    # The new anchor is watched like any other.
+    second.fix(north_of(elsewhere, 400.0))
+    second.fix(north_of(elsewhere, 400.0))
+    assert len(second.raised()) == 1
+
+
+def test_restored_anchor_is_dropped_even_after_fixes_came_first(tmp_path: Path) -> None:
+    clock = ManualClock()
+    Car(tmp_path, clock).park_at(HOME, odometer=99.9)
+    clock.advance(3600.0)
+    second = Car(tmp_path, clock)
+    elsewhere = north_of(HOME, 800.0)
+    second.fix(elsewhere)
+    second.fix(elsewhere)  # the receiver was quicker than the bus: raised on the old anchor
+    assert len(second.raised()) == 1
+    second.bus(None, odometer=100.0)  # one step of 0.1 km: it was driven
+    assert second.book.active() == []
+    assert [k for k, _ in second.sink.transitions] == ["raised", "cleared"]
+    second.fix(elsewhere)
+    assert second.mwp.anchor == elsewhere and second.mwp.parked
+
+
+def test_restored_anchor_is_kept_when_the_odometer_did_not_move(tmp_path: Path) -> None:
+    clock = ManualClock()
+    Car(tmp_path, clock).park_at(HOME, odometer=1234.5)
+    clock.advance(3600.0)
+    second = Car(tmp_path, clock)  # towed while the gateway was down: odometer unchanged
+    second.bus("OFF", ready=False, odometer=1234.5)
+    far = north_of(HOME, 500.0)
+    second.fix(far)
+    second.fix(far)
+    assert len(second.raised()) == 1
+    assert second.counters.get("insights.parked_reanchored") == 0
+
+
+def test_a_clock_step_backwards_does_not_stop_fixes_from_counting(tmp_path: Path) -> None:
+    car = Car(tmp_path)
+    car.park_at(HOME)
+    stepped = car.clock.time() - 3600.0  # NTP pulled the wall clock back an hour
+    far = north_of(HOME, 300.0)
+    car.fix(far, received=stepped)
+    car.fix(far, received=stepped)  # the same epoch again: not a second confirmation
+    assert car.raised() == []
+    car.fix(far, received=stepped + 1.0)
+    [alert] = car.raised()
+    assert alert.source_ts == stepped + 1.0

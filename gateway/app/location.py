@@ -263,6 +263,8 @@ class Insights:
         await cancel_all(self.tasks)
         self.tasks.clear()
         self.save()
+        # Throughput alone is held back between periodic saves; a clean stop keeps all of it.
+        self.guarded("battery", _ignoring_arg(lambda: self.battery.save(force=True)))(None)
         if self.outputs.writes:
             await asyncio.gather(*self.outputs.writes, return_exceptions=True)
         if self.outputs.journal is not None:

@@ -1,10 +1,15 @@
 """The serial GNSS receiver: bytes in, one :class:`Fix` per epoch out, whatever the line does.
 
 A receiver on USB can vanish at any moment and come back under the same name;
-a UART line carries binary protocol frames (u-blox UBX) and noise between the
-sentences. None of it may stop the daemon: a lost port is closed and reopened
-with exponential backoff, and anything that is not a sentence is counted,
-logged once in a while and skipped up to the next ``$``.
+one on a UART can stop talking while its port stays open; a UART line carries
+binary protocol frames (u-blox UBX) and noise between the sentences. None of
+it may stop the daemon: a lost or silent port is closed and reopened with
+exponential backoff, and anything that is not a sentence is counted, logged
+once in a while and skipped up to the next ``$``.
+
+Opening and closing run in a worker thread: pyserial does both synchronously,
+and for a ``socket://`` receiver that means a TCP connect of up to 5 s and a
+0.3 s sleep in ``close``, which must not stall CAN handling on the event loop.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Callable
 
 import serial
@@ -23,6 +29,10 @@ from gateway.gnss.nmea import MAX_LINE, NmeaParser, is_text
 from gateway.health import Counters, RateLimitedLog
 
 READ_SIZE = 4096
+SILENT_EPOCHS = 5.0
+"""Epochs without a byte after which an open receiver counts as silent ..."""
+SILENT_MIN_S = 5.0
+"""... but never sooner than this, whatever its rate."""
 
 
 class GnssReader:
@@ -30,7 +40,9 @@ class GnssReader:
 
     ``backoff`` is the (first, longest) wait between attempts to reopen a lost
     port; ``idle_flush`` is how long the line must be quiet after a burst for
-    the epoch to count as complete.
+    the epoch to count as complete; ``silent_after`` is how long an open port
+    may deliver no byte at all before it is closed and reopened (default
+    ``max(5, 5 / rate_hz)`` seconds; ``math.inf`` never gives up on it).
     """
 
     def __init__(
@@ -43,6 +55,7 @@ class GnssReader:
         *,
         backoff: tuple[float, float] = (1.0, 30.0),
         idle_flush: float = 0.1,
+        silent_after: float | None = None,
     ) -> None:
         self._settings = settings
         self._clock = clock
@@ -51,6 +64,8 @@ class GnssReader:
         self._on_fix = on_fix
         self._backoff = backoff
         self._idle_flush = idle_flush
+        self._silent_after = (silent_after if silent_after is not None else
+                              max(SILENT_MIN_S, SILENT_EPOCHS / settings.rate_hz))
         self._parser = NmeaParser(counters, rlog)
         self._port: serial.SerialBase | None = None
         self._last_fix: Fix | None = None
@@ -88,14 +103,13 @@ class GnssReader:
                 await self._clock.sleep(delay)
                 delay = min(delay * 2.0, high)
         finally:
-            self._close()
+            await self._close()
 
     async def _connection(self) -> str:
         """Open the port and read until it fails; returns why it ended."""
         self._got_data = False
         try:
-            port = serial.serial_for_url(self._settings.device, baudrate=self._settings.baud,
-                                         timeout=0)
+            port = await self._open()
         except (OSError, ValueError) as exc:  # SerialException is an OSError
             self._counters.inc("gnss.open_failures")
             return f"cannot open ({exc})"
@@ -110,10 +124,24 @@ class GnssReader:
             self._rlog.error("gnss.internal", f"GNSS reader failed: {type(exc).__name__}: {exc}")
             reason = f"reader error ({type(exc).__name__})"
         finally:
-            self._close()
+            await self._close()
             self._end_of_stream()
         self._counters.inc("gnss.disconnects")
         return reason
+
+    async def _open(self) -> serial.SerialBase:
+        opening = asyncio.ensure_future(asyncio.to_thread(_open_port, self._settings))
+        try:
+            # Shielded: cancelling cannot stop the thread, and a port it opens after all
+            # must still be closed rather than leaked.
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_when_opened)
+            raise
+
+    def _silent(self) -> str:
+        self._counters.inc("gnss.silent")
+        return f"silent (no data for {self._silent_after:g} s)"
 
     async def _read(self, port: serial.SerialBase) -> str:
         try:
@@ -125,12 +153,18 @@ class GnssReader:
         loop = asyncio.get_running_loop()
         readable = asyncio.Event()
         loop.add_reader(fd, readable.set)
+        last_data = self._clock.monotonic()
         try:
             while True:
-                if not self._pending:
-                    await readable.wait()
-                elif not await self._wait(readable, self._idle_flush):
-                    self._flush()
+                if self._pending:
+                    timeout = self._idle_flush
+                else:
+                    timeout = last_data + self._silent_after - self._clock.monotonic()
+                    if timeout <= 0.0:
+                        return self._silent()
+                if not await self._wait(readable, timeout):
+                    if self._pending:
+                        self._flush()
                     continue
                 readable.clear()
                 try:
@@ -138,11 +172,13 @@ class GnssReader:
                 except OSError as exc:  # EIO from a vanished USB device or a closed pty
                     return f"lost ({exc})"
                 if data:
+                    last_data = self._clock.monotonic()
                     self._consume(data)
         finally:
             loop.remove_reader(fd)
 
     async def _poll(self, port: serial.SerialBase) -> str:
+        last_data = self._clock.monotonic()
         while True:
             await self._clock.sleep(self._idle_flush)
             try:
@@ -150,12 +186,18 @@ class GnssReader:
             except OSError as exc:
                 return f"lost ({exc})"
             if data:
+                last_data = self._clock.monotonic()
                 self._consume(data)
             elif self._pending:
                 self._flush()
+            elif self._clock.monotonic() - last_data >= self._silent_after:
+                return self._silent()
 
     async def _wait(self, event: asyncio.Event, timeout: float) -> bool:
         """Wait for ``event`` at most ``timeout`` seconds of the injected clock."""
+        if math.isinf(timeout):
+            await event.wait()
+            return True
         waiter = asyncio.ensure_future(event.wait())
         sleeper = asyncio.ensure_future(self._clock.sleep(timeout))
         try:
@@ -232,9 +274,30 @@ class GnssReader:
         if self._pending:
             self._flush()
 
-    def _close(self) -> None:
+    async def _close(self) -> None:
         port, self._port = self._port, None
         if port is not None:
-            # Closing a vanished device can fail; it is closed either way.
-            with contextlib.suppress(OSError):
-                port.close()
+            await asyncio.to_thread(_close_quietly, port)
+
+
+def _open_port(settings: GnssSettings) -> serial.SerialBase:
+    port: serial.SerialBase = serial.serial_for_url(settings.device, baudrate=settings.baud,
+                                                    timeout=0)
+    return port
+
+
+def _close_quietly(port: serial.SerialBase) -> None:
+    # Closing a vanished device can fail; it is closed either way.
+    with contextlib.suppress(OSError):
+        port.close()
+
+
+def _close_when_opened(opening: asyncio.Future[serial.SerialBase]) -> None:
+    """Close the port an abandoned open produced, off the event loop when possible."""
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    port = opening.result()
+    try:
+        asyncio.get_running_loop().run_in_executor(None, _close_quietly, port)
+    except RuntimeError:  # the loop's executor is already shut down: close it here
+        _close_quietly(port)

@@ -9,6 +9,11 @@ because a trip reports both and cycle counting needs only one.
 A gap longer than ``max_gap`` (a silent BMS, a dropped batch, a bus asleep) is
 not bridged: nothing is known about what flowed meanwhile, so it is counted
 in ``insights.energy_gaps`` and the integration restarts at the next sample.
+A sample older than the previous one (the wall clock was set back) is a gap
+too: integrating across it would need the time between the two samples,
+which is unknown, and waiting for the clock to catch up would drop every
+sample until then. The chain restarts at it instead. A sample with the
+previous one's timestamp is the same sample seen again and adds nothing.
 The totals only grow; consumers keep the totals at their start and subtract.
 """
 
@@ -23,6 +28,7 @@ TB = "Vehicle.Powertrain.TractionBattery"
 VOLTAGE = f"{TB}.CurrentVoltage"
 CURRENT = f"{TB}.CurrentCurrent"
 SPEED = "Vehicle.Speed"
+GAPS = "insights.energy_gaps"
 MAX_GAP_S = 2.0
 """Longest interval between two samples that is still integrated: 20 cycles of a 100 ms
 BMS frame, long enough for a loaded gateway's batching, short enough not to invent a
@@ -56,18 +62,20 @@ class _Integral:
         self.value = 0.0
 
     def step(self, ts: float, value: float) -> float | None:
-        """Area since the previous sample, or None after a gap (first sample, silence)."""
+        """Area since the previous sample, or None after a gap (the first sample, a silence,
+        a sample older than the previous one)."""
         prev_ts, prev = self.ts, self.value
-        if prev_ts is not None and ts <= prev_ts:
-            return 0.0  # the same sample seen again, or time going backwards: add nothing
+        if prev_ts is not None and ts == prev_ts:
+            return 0.0  # the same sample seen again
         self.ts, self.value = ts, value
-        if prev_ts is None or ts - prev_ts > self._max_gap:
-            return None
+        if prev_ts is None or not 0.0 < ts - prev_ts <= self._max_gap:
+            return None  # the first sample, a silence, or the clock set back
         return (prev + value) / 2 * (ts - prev_ts)
 
     def fresh(self, ts: float) -> bool:
-        """True when a sample at ``ts`` continues the chain (no gap, not the first)."""
-        return self.ts is not None and ts - self.ts <= self._max_gap
+        """True when a sample at ``ts`` continues the chain (no gap, not the first, not
+        older than the previous sample)."""
+        return self.ts is not None and 0.0 < ts - self.ts <= self._max_gap
 
 
 class PackMeter:
@@ -92,6 +100,12 @@ class PackMeter:
         return self._v is not None and self._i is not None
 
     @property
+    def gaps(self) -> int:
+        """Gaps counted so far (``insights.energy_gaps`` of the meter's counters): a consumer
+        that sees it grow knows its totals miss something."""
+        return self._counters.get(GAPS)
+
+    @property
     def totals(self) -> Totals:
         """Everything integrated so far."""
         return Totals(*self._totals)
@@ -114,12 +128,12 @@ class PackMeter:
                 and v_ts is not None and abs(v_ts - ts) <= self._max_gap):
             # An invalid reading breaks the chain: what flowed until the next good one is unknown.
             if self._current.ts is not None:
-                self._counters.inc("insights.energy_gaps")
+                self._counters.inc(GAPS)
             self.power_w = None
             self._power.ts = self._current.ts = None
             return
         if self._current.ts is not None and not self._current.fresh(ts):
-            self._counters.inc("insights.energy_gaps")
+            self._counters.inc(GAPS)
         watts = float(volts) * float(amps)
         self.power_w = watts
         energy = self._power.step(ts, watts)

@@ -146,10 +146,12 @@ class Geofences:
         position = fix.position
         if position is None or not fix.usable(self._max_hdop):
             return
-        if self._last_received is not None and fix.received <= self._last_received:
+        if fix.received == self._last_received:
             # The same epoch delivered twice must not count as two confirmations.
             self._counters.inc("insights.geofence_fix_repeated")
             return
+        # An earlier time is the wall clock stepping back (NTP, an RTC reset), not an old
+        # epoch: the fix counts, and the fixes after it are compared with its time.
         self._last_received = fix.received
         changed = False
         for fence in self._fences.values():

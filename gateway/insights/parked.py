@@ -11,6 +11,13 @@ fixes in a row lie more than ``threshold_m`` plus their own error estimate from
 it, a critical alert is raised; it stays until the driver switches on. Parked
 state and anchor live in a small JSON file, so a head unit rebooting overnight
 keeps the anchor of the evening before.
+
+The file also keeps the odometer of the parked car. The car may have been
+driven while the gateway was down and be parked somewhere else now; a restored
+anchor is therefore checked against the first good odometer reading, and if
+the car has covered at least one odometer step (0.1 km) since, the anchor is
+dropped without an alert and the next usable fix becomes the new one. A car
+towed away does not turn its odometer, so towing still raises the alert.
 """
 
 from __future__ import annotations
@@ -30,9 +37,13 @@ from gateway.state import StateStore
 
 IGNITION = "Vehicle.LowVoltageSystemState"
 READY = "Vehicle.Powertrain.IsReady"
+ODOMETER = "Vehicle.TraveledDistance"
 LATITUDE = "Vehicle.CurrentLocation.Latitude"
 ALERT_KEY = "location.moved_while_parked"
 STATE_FILE_ERRORS = "insights.state_file_errors"
+REANCHORED = "insights.parked_reanchored"
+DRIVEN_KM = 0.1
+"""Odometer advance (one step of its resolution) that shows the car was driven."""
 _PARKING = ("OFF", "ACC")
 _DRIVING = ("ON", "START")
 
@@ -51,6 +62,7 @@ class MovedWhileParked:
             raise ValueError("confirm must be at least 1")
         self._store = store
         self._alerts = alerts
+        self._clock = clock
         self._threshold = threshold_m
         self._max_hdop = max_hdop
         self._state_file = state_file
@@ -60,6 +72,8 @@ class MovedWhileParked:
         self._signal = LATITUDE if LATITUDE in store else None
         self._parked = False
         self._anchor: LatLon | None = None
+        self._odometer: float | None = None  # km, the last good reading while parked
+        self._restored = False  # parked state from the file, not yet checked on the odometer
         self._run = 0
         self._alerted = False
         self._last_received: float | None = None
@@ -83,22 +97,28 @@ class MovedWhileParked:
         if ignition in _DRIVING or ready is True:
             if self._parked:
                 self._unpark(IGNITION if ignition in _DRIVING else READY)
-        elif ignition in _PARKING and not self._parked:
-            self._parked, self._anchor, self._run = True, None, 0
-            self._changed()
+            return
+        if ignition in _PARKING and not self._parked:
+            self._parked, self._anchor, self._odometer, self._run = True, None, None, 0
+            self._dirty = True
+        if self._parked:
+            self._check_odometer(now)
+        self.save()
 
     def on_fix(self, fix: Fix) -> None:
         """Set the anchor, or compare a parked car's fix with it."""
         position = fix.position
         if not self._parked or position is None or not fix.usable(self._max_hdop):
             return
-        if self._last_received is not None and fix.received <= self._last_received:
+        if fix.received == self._last_received:
             return  # the same epoch twice is one confirmation, not two
+        # An earlier time is the wall clock stepping back, not an old epoch: it counts.
         self._last_received = fix.received
+        self._check_odometer(self._clock.time())
         if self._anchor is None:
             self._anchor = position
-            self._changed()
-            return
+            self._dirty = True
+        self.save()
         moved = distance_m(self._anchor, position)
         if moved <= self._threshold + (fix.accuracy_m or 0.0):
             self._run = 0
@@ -118,7 +138,8 @@ class MovedWhileParked:
             return
         anchor = None if self._anchor is None else list(self._anchor)
         try:
-            save_json(self._state_file, {"parked": self._parked, "anchor": anchor})
+            save_json(self._state_file, {"parked": self._parked, "anchor": anchor,
+                                         "odometer": self._odometer})
         except OSError as exc:
             self._count()
             self._rlog.error("parked.state_file.save",
@@ -128,12 +149,35 @@ class MovedWhileParked:
 
     def _unpark(self, evidence: str) -> None:
         self._parked, self._anchor, self._run, self._alerted = False, None, 0, False
+        self._odometer, self._restored = None, False
         self._alerts.clear(ALERT_KEY, source_ts=self._store.slot(evidence).timestamp)
-        self._changed()
-
-    def _changed(self) -> None:
         self._dirty = True
         self.save()
+
+    def _check_odometer(self, now: float) -> None:
+        """Remember the parked car's odometer; drop a restored anchor the car drove away from."""
+        odometer = self._store.good_value(ODOMETER, now)
+        if not isinstance(odometer, int | float) or isinstance(odometer, bool):
+            return
+        km = float(odometer)
+        if self._restored:
+            self._restored = False
+            # Rounded: readings in 0.1 km steps differ by 0.0999... in binary floating point.
+            if self._odometer is not None and round(km - self._odometer, 6) >= DRIVEN_KM:
+                self._reanchor()
+        if km != self._odometer:
+            self._odometer = km
+            self._dirty = True
+
+    def _reanchor(self) -> None:
+        """Forget an anchor from before a restart: the car was driven since it was taken."""
+        if self._anchor is not None and self._counters is not None:
+            self._counters.inc(REANCHORED)
+        self._anchor, self._run = None, 0
+        self._dirty = True
+        if self._alerted:  # raised on the stale anchor before the odometer was known
+            self._alerted = False
+            self._alerts.clear(ALERT_KEY, source_ts=self._store.slot(ODOMETER).timestamp)
 
     def _load(self) -> None:
         if self._state_file is None:
@@ -145,13 +189,17 @@ class MovedWhileParked:
         except (OSError, ValueError) as exc:
             self._broken(str(exc))
             return
-        parked = raw.get("parked") if isinstance(raw, dict) else None
-        anchor = _anchor(raw.get("anchor")) if isinstance(raw, dict) else None
-        if not isinstance(parked, bool) or (anchor is None and raw.get("anchor") is not None):
-            self._broken('expected {"parked": true/false, "anchor": [lat, lon] or null}')
+        if not isinstance(raw, dict):
+            raw = {}
+        parked, anchor, odometer = raw.get("parked"), raw.get("anchor"), raw.get("odometer")
+        if (not isinstance(parked, bool) or (anchor is not None and _anchor(anchor) is None)
+                or (odometer is not None and not _km(odometer))):
+            self._broken('expected {"parked": true/false, "anchor": [lat, lon] or null, '
+                         '"odometer": km or null}')
             return
-        self._parked = parked
-        self._anchor = anchor if parked else None
+        if parked:
+            self._parked, self._anchor, self._restored = True, _anchor(anchor), True
+            self._odometer = None if odometer is None else float(odometer)
 
     def _broken(self, why: str) -> None:
         self._count()
@@ -163,11 +211,14 @@ class MovedWhileParked:
             self._counters.inc(STATE_FILE_ERRORS)
 
 
+def _km(value: Any) -> bool:
+    """True for a finite JSON number (not a boolean)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _anchor(value: Any) -> LatLon | None:
     """A stored [lat, lon] pair, or None when it is not one."""
-    if not (isinstance(value, list) and len(value) == 2 and all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            for v in value)):
+    if not (isinstance(value, list) and len(value) == 2 and all(_km(v) for v in value)):
         return None
     lat, lon = float(value[0]), float(value[1])
     if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):

@@ -6,10 +6,15 @@ head unit may lose power with the car), so its start values are written to
 the state directory. What comes back is checked field by field: a file a
 power cut or a person damaged is counted, logged once and ignored, never
 trusted.
+
+Every write is an fsync on what is often an SD card, so a recorder that is
+asked to save once a minute writes only when the content differs from what
+the file already holds (:meth:`StateFile.save_if_changed`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -77,6 +82,8 @@ class StateFile:
         self._name = name
         self._counters = counters
         self._rlog = rlog
+        self._written: str | None = None
+        """The JSON text the file is known to hold (last loaded or written), None if unknown."""
 
     def load(self) -> dict[str, Any] | None:
         """The stored object of the current version, or None (absent or broken)."""
@@ -92,6 +99,7 @@ class StateFile:
         if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
             self.broken(f"expected an object with version {STATE_VERSION}")
             return None
+        self._written = json.dumps(data)
         return data
 
     def save(self, value: dict[str, Any]) -> None:
@@ -101,9 +109,21 @@ class StateFile:
         try:
             save_json(self.path, value)
         except OSError as exc:
+            self._written = None  # what the file holds now is unknown
             self._counters.inc(STATE_FILE_ERRORS)
             self._rlog.error(f"{self._name}.state_file.save",
                              f"cannot save the {self._name} state to {self.path}: {exc}")
+        else:
+            self._written = json.dumps(value)
+
+    def save_if_changed(self, value: dict[str, Any]) -> bool:
+        """:meth:`save` unless the file already holds ``value`` (as last loaded or written
+        through this object); True when it tried to write. After a failed write the next
+        call tries again."""
+        if self.path is None or json.dumps(value) == self._written:
+            return False
+        self.save(value)
+        return True
 
     def broken(self, why: str) -> None:
         """Count and log a state file that cannot be used."""

@@ -16,9 +16,16 @@ instead of losing a second of driving. The parked minutes that confirm the end
 do not count.
 
 Distance is the odometer difference when the odometer was good at both ends
-and plausible; otherwise the summed GNSS track; otherwise the wheel-speed
-integral. The open trip lives in a small JSON file: after a restart the meter
-starts from zero, so what was accumulated so far is stored, not raw totals.
+and plausible; otherwise the summed GNSS track (nothing while the car stands,
+and steps only well above the fix's error: jitter is not motion); otherwise
+the wheel-speed integral, if a good speed was seen in the trip at all.
+
+The open trip lives in a small JSON file, written when it changed: after a
+restart the meter starts from zero, so what was accumulated so far is stored,
+not raw totals. A trip that went on across a restart, or during which the
+meter counted a gap, is ``complete=False`` (its totals are a lower bound). A
+finished trip is handed on before the file forgets it: a power cut in between
+repeats it (same id) rather than losing it.
 """
 
 from __future__ import annotations
@@ -46,7 +53,12 @@ ODOMETER = "Vehicle.TraveledDistance"
 MIN_RATIO_KM = 0.1
 """Below this distance Wh/km means nothing."""
 SLOW_KMH = 3.0
-"""Below this speed a GNSS step shorter than the fix's own error is jitter, not motion."""
+"""Below this GNSS speed, with the wheels at standstill, the car stands: no track."""
+STEP_ERRORS = 4.0
+MIN_STEP_M = 10.0
+"""A track step counts once it is ``STEP_ERRORS`` times the fix's error estimate and at
+least ``MIN_STEP_M``: noise lengthens a step by about (noise / step)^2 (1 Hz fixes at
+30 km/h, 2.5 m of noise: +9 %), so short steps wait and add up to one longer chord."""
 ODOMETER_MIN_KM = 2.0
 """Shorter odometer deltas lose to GNSS or the speed integral: at 0.1 km resolution the
 reading could be off by 5 % or more."""
@@ -57,14 +69,6 @@ counts as the start value."""
 FIX_FRESH_S = 10.0
 
 _log = logging.getLogger(__name__)
-
-
-def _ready(value: Any) -> bool:
-    return value is True
-
-
-def _ignition(value: Any) -> bool:
-    return value in ("ON", "START")
 
 
 def _moving(value: Any) -> bool:
@@ -93,6 +97,10 @@ class _Open:
     gnss_m: float = 0.0
     gnss_fixes: int = 0
     max_speed: float | None = None
+    restored: bool = False  # read back after a restart: the outage was not observed
+    gap_base: int = 0  # the meter's gap count at the start
+    gaps_seen: bool = False
+    stopped: bool = False  # the track's anchor is where the car stands
 
     def so_far(self) -> Totals:
         """What the trip accumulated up to its last observation."""
@@ -117,7 +125,8 @@ class TripRecorder:
         self._rlog = RateLimitedLog(_log, clock)
         self._file = StateFile(state_file, "trip", self._counters, self._rlog)
         tests: list[tuple[str, Callable[[Any], bool]]] = [
-            (READY, _ready), (IGNITION, _ignition), (SPEED, _moving)]
+            (READY, lambda v: v is True), (IGNITION, lambda v: v in ("ON", "START")),
+            (SPEED, _moving)]
         self._sources: list[tuple[SignalState, Callable[[Any], bool]]] = [
             (store.slot(path), test) for path, test in tests if path in store]
         self._last_fix: Fix | None = None
@@ -160,16 +169,25 @@ class TripRecorder:
             return
         if trip.start_position is None:
             trip.start_position = position
-        if not trip.parked:
-            trip.end_position = position
-        if trip.anchor is not None:
-            step = distance_m(trip.anchor, position)
-            slow = fix.speed_kmh is None or fix.speed_kmh < SLOW_KMH
-            if slow and step < (fix.accuracy_m or 0.0):
-                return  # keep the anchor: a slow creep still adds up once it exceeds the error
-            trip.gnss_m += step
-        trip.anchor = position
+        if trip.parked:
+            return  # the parked minutes that may end the trip are not part of it
+        trip.end_position = position
         trip.gnss_fixes += 1
+        if trip.anchor is None:
+            trip.anchor = position
+            return
+        wheels = self._good_number(SPEED, self._clock.time())
+        standing = (fix.speed_kmh is None or fix.speed_kmh < SLOW_KMH) and wheels is not None \
+            and abs(wheels) <= STANDSTILL_KMH
+        if standing and trip.stopped:
+            return  # jitter around where the car stands
+        step = distance_m(trip.anchor, position)
+        if not standing and step < max(STEP_ERRORS * (fix.accuracy_m or 0.0), MIN_STEP_M):
+            trip.stopped = False
+            return  # keep the anchor: short steps add up to one longer chord
+        # The first fix at a standstill ends the chord there: the car may turn before moving on.
+        trip.gnss_m += step
+        trip.anchor, trip.stopped = position, standing
 
     # ---- outputs -----------------------------------------------------------------
 
@@ -186,19 +204,20 @@ class TripRecorder:
                 "energy_wh": round(totals.wh_out - totals.wh_in, 2),
                 "regen_wh": round(totals.wh_in, 2), "soc_start": trip.soc_start,
                 "soc_now": trip.soc_end, "max_speed_kmh": trip.max_speed,
-                "parked": trip.parked}
+                "parked": trip.parked, "complete": not (trip.restored or trip.gaps_seen)}
 
     def save(self) -> None:
-        """Write the open trip (or its absence) to the state file."""
+        """Write the open trip (or its absence) to the state file if that changed since the
+        last write (an fsync each, so not every minute of a parked car)."""
         trip = self._trip
-        self._file.save({"version": STATE_VERSION, "trip": None if trip is None else {
+        self._file.save_if_changed({"version": STATE_VERSION, "trip": None if trip is None else {
             "id": trip.id, "start": trip.start, "last_evidence": trip.last_evidence,
             "so_far": totals_json(trip.so_far()), "parked": trip.parked,
             "soc_start": trip.soc_start, "soc_end": trip.soc_end,
             "odo_start": trip.odo_start, "odo_end": trip.odo_end,
             "start_position": trip.start_position, "end_position": trip.end_position,
             "anchor": trip.anchor, "gnss_m": trip.gnss_m, "gnss_fixes": trip.gnss_fixes,
-            "max_speed": trip.max_speed}})
+            "max_speed": trip.max_speed, "gaps_seen": trip.gaps_seen}})
 
     # ---- internals ---------------------------------------------------------------
 
@@ -226,7 +245,8 @@ class TripRecorder:
         prev = self._prev
         # The previous update's totals hold the energy of the second in which driving began.
         base = prev[1] if prev is not None and now - prev[0] <= 2.0 else totals
-        trip = _Open(uuid.uuid4().hex[:16], start, latest, base, totals)
+        trip = _Open(uuid.uuid4().hex[:16], start, latest, base, totals,
+                     gap_base=self._meter.gaps)
         fix = self._last_fix
         if fix is not None and fix.position is not None and now - fix.received <= FIX_FRESH_S:
             trip.start_position = trip.end_position = trip.anchor = fix.position
@@ -251,22 +271,29 @@ class TripRecorder:
         speed = self._good_number(SPEED, now)
         if speed is not None:
             trip.max_speed = max(abs(speed), trip.max_speed or 0.0)
+        if early:  # the BMS waking a little after the first evidence ends a silence from before
+            trip.gap_base = self._meter.gaps
+        elif self._meter.gaps > trip.gap_base:
+            trip.gaps_seen = True
 
     def _distance(self, trip: _Open, totals: Totals) -> tuple[float, DistanceSource | None]:
         if trip.odo_start is not None and trip.odo_end is not None:
             delta = trip.odo_end - trip.odo_start
             # A counter that jumped further than the wheels could have taken the car was
-            # reset or rolled over; without a speed signal there is nothing to check against.
-            limit = 2 * totals.km_speed + ODOMETER_SLACK_KM if SPEED in self._store else None
-            fine = trip.gnss_fixes >= 2 or SPEED in self._store
+            # reset or rolled over; with no good speed in the trip there is nothing to check.
+            speed_seen = trip.max_speed is not None
+            limit = 2 * totals.km_speed + ODOMETER_SLACK_KM if speed_seen else None
+            fine = trip.gnss_fixes >= 2 or speed_seen
             # A dashboard odometer counts in 0.1 km steps: on a short hop that is most of
             # the distance, so a finer source wins there.
             if delta >= 0 and (limit is None or delta <= limit) and (
                     delta >= ODOMETER_MIN_KM or not fine):
                 return delta, "odometer"
         if trip.gnss_fixes >= 2:
-            return trip.gnss_m / 1000.0, "gnss"
-        if SPEED in self._store:
+            tail = 0.0 if trip.anchor is None or trip.end_position is None \
+                else distance_m(trip.anchor, trip.end_position)
+            return (trip.gnss_m + tail) / 1000.0, "gnss"
+        if trip.max_speed is not None:
             return totals.km_speed, "speed"
         return 0.0, None
 
@@ -288,14 +315,15 @@ class TripRecorder:
             odometer_end_km=trip.odo_end, start_position=trip.start_position,
             end_position=trip.end_position,
             cost=None if price is None else energy / 1000.0 * price,
-            currency=self._settings.currency if price is not None else "")
+            currency=self._settings.currency if price is not None else "",
+            complete=not (trip.restored or trip.gaps_seen))
         self._trip = None
-        self.save()
         try:
             self._on_trip(result)
         except Exception as exc:  # the consumer's bug must not stop trip recording
             self._counters.inc("insights.sink_errors")
             self._rlog.error("trip.sink", f"trip: the consumer failed: {exc!r}")
+        self.save()  # only now: a power cut before this repeats the trip instead of losing it
 
     def _restore(self) -> _Open | None:
         data = self._file.load()
@@ -312,10 +340,12 @@ class TripRecorder:
                      soc_end=f["soc_end"], odo_start=f["odo_start"], odo_end=f["odo_end"],
                      start_position=f["start_position"], end_position=f["end_position"],
                      anchor=f["anchor"], gnss_m=f["gnss_m"], gnss_fixes=f["gnss_fixes"],
-                     max_speed=f["max_speed"])
+                     max_speed=f["max_speed"], restored=True, gap_base=self._meter.gaps,
+                     gaps_seen=bool(f["gaps_seen"]))
 
 
 _TRIP_KINDS = {"id": "str", "start": "num", "last_evidence": "num", "so_far": "totals",
                "parked": "bool", "soc_start": "num?", "soc_end": "num?", "odo_start": "num?",
                "odo_end": "num?", "start_position": "point?", "end_position": "point?",
-               "anchor": "point?", "gnss_m": "num", "gnss_fixes": "count", "max_speed": "num?"}
+               "anchor": "point?", "gnss_m": "num", "gnss_fixes": "count", "max_speed": "num?",
+               "gaps_seen": "bool?"}
