@@ -207,7 +207,7 @@ class Insights:
                 location.listeners.append(ins.geofences.on_fix)
             ins.parked = MovedWhileParked(store, pipeline.alerts, clock,
                                           cfg.moved_while_parked_m, max_hdop, file("parked.json"),
-                                          counters=counters)
+                                          counters=counters, rlog=rlog)
             location.listeners.append(ins.parked.on_fix)
         return ins
 

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 from gateway.clock import Clock, SystemClock
 from gateway.health import Counters, RateLimitedLog
 from gateway.insights.sessions import ChargeSession, Trip
+from gateway.persist import transaction
 
 T = TypeVar("T")
 Kind = Literal["trip", "charge"]
@@ -72,7 +73,7 @@ class _Db:
             conn.execute("PRAGMA synchronous = FULL")
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
             if version == 0:
-                with _transaction(conn):
+                with transaction(conn):
                     for statement in _SCHEMA:
                         conn.execute(statement)
             elif version != SCHEMA_VERSION:
@@ -102,7 +103,7 @@ class _Db:
     def add(self, table: str, record_id: str, start: float, end: float, data: str) -> None:
         """Insert or replace one record and trim the table to the newest ``keep``."""
         conn = self._require()
-        with _transaction(conn):
+        with transaction(conn):
             conn.execute(f'INSERT OR REPLACE INTO {table} (id, "start", "end", data)'
                          " VALUES (?, ?, ?, ?)", (record_id, start, end, data))
             conn.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table}"
@@ -124,20 +125,6 @@ class _Db:
         if self.conn is None:
             raise sqlite3.OperationalError("the insight log is not open")
         return self.conn
-
-
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        # A failed COMMIT (a full disk) can leave the transaction open.
-        if conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-        raise
 
 
 class InsightLog:

@@ -56,7 +56,7 @@ class MovedWhileParked:
     def __init__(
         self, store: StateStore, alerts: AlertBook, clock: Clock, threshold_m: float,
         max_hdop: float, state_file: Path | None = None, confirm: int = 2,
-        counters: Counters | None = None,
+        counters: Counters | None = None, rlog: RateLimitedLog | None = None,
     ) -> None:
         if confirm < 1:
             raise ValueError("confirm must be at least 1")
@@ -68,7 +68,7 @@ class MovedWhileParked:
         self._state_file = state_file
         self._confirm = confirm
         self._counters = counters
-        self._rlog = RateLimitedLog(_log, clock)
+        self._rlog = rlog or RateLimitedLog(_log, clock)
         self._signal = LATITUDE if LATITUDE in store else None
         self._parked = False
         self._anchor: LatLon | None = None

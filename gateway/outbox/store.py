@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.clock import Clock, SystemClock
+from gateway.persist import transaction
 
 SCHEMA_VERSION = 1
 # Rows looked at per step when trimming backfill: big enough to free space in
@@ -285,17 +286,8 @@ class OutboxStore:
 
     @contextlib.contextmanager
     def _transaction(self, op: str) -> Iterator[sqlite3.Connection]:
-        with self._guard(op) as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                # A failed COMMIT (e.g. disk full) can leave the transaction open.
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                raise
+        with self._guard(op) as conn, transaction(conn):
+            yield conn
 
     def _connect(self) -> sqlite3.Connection:
         """Open, verify and migrate; raises _CorruptError or OutboxError."""
