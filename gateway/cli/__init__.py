@@ -6,7 +6,8 @@ Sub-commands:
 - ``decode``: print the frames of a log as JSON lines;
 - ``check``: validate a profile and its DBCs and show what it maps;
 - ``watch``: follow a vehicle over MQTT, as a fleet operator would;
-- ``keys`` / ``command``: keys of remote commands, and sending one signed command.
+- ``keys`` / ``command``: keys of remote commands, and sending one signed command;
+- ``trips``: the finished trips and charging sessions kept on the head unit.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from gateway.config import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
-    from gateway.cli import check, command, decode, keys, run, watch
+    from gateway.cli import check, command, decode, keys, run, trips, watch
 
     parser = argparse.ArgumentParser(
         prog="ev-gateway", description="Companion gateway for micro electric cars."
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_parser(sub)
     keys.add_parser(sub)
     command.add_parser(sub)
+    trips.add_parser(sub)
     return parser
 
 
