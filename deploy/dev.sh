@@ -72,6 +72,8 @@ case "$cmd" in
     ;;
   test)
     ensure_mosquitto
+    # systemd-analyze verifies the service unit, openssl issues the fleet broker's test certificates.
+    apt_ensure systemd openssl
     ensure_venv
     "$venv/bin/ruff" check gateway hil tests bench
     "$venv/bin/mypy"

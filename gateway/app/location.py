@@ -53,6 +53,7 @@ class Location:
     counters: Counters
     rlog: RateLimitedLog
     reader: GnssReader | None = None
+    publisher: LocationPublisher | None = None
     listeners: list[Callable[[Fix], None]] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -83,17 +84,15 @@ class Location:
             publishing.envelope, publishing.clock, self.counters,
             parked=lambda: telemetry.modes.mode == "park")
         self.listeners.append(publisher.on_fix)
-        self._publisher = publisher
+        self.publisher = publisher
         return publisher
-
-    _publisher: LocationPublisher | None = None
 
     def start(self) -> None:
         """Open the receiver (reconnecting on its own) and start publishing."""
         if self.reader is not None:
             self.tasks.append(asyncio.create_task(self.reader.run(), name="gnss"))
-        if self._publisher is not None:
-            self.tasks.append(asyncio.create_task(self._publisher.run(), name="location"))
+        if self.publisher is not None:
+            self.tasks.append(asyncio.create_task(self.publisher.run(), name="location"))
 
     async def stop(self) -> None:
         """Close the receiver."""
