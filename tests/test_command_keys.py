@@ -27,6 +27,7 @@ from gateway.commands.keys import (
     parse_public_key,
     public_path,
     public_pem,
+    store_gateway_key,
 )
 from gateway.config import ConfigError
 
@@ -264,12 +265,17 @@ def test_generate_private_key_never_overwrites(tmp_path):
     assert public_path(path).read_bytes() == pub_before
 
 
-def test_gateway_key_is_created_once_then_loaded(tmp_path):
+def test_gateway_key_is_made_in_memory_stored_once_then_loaded(tmp_path):
     path = tmp_path / "state" / "gateway.key"
-    first = gateway_key(path)
+    first, new = gateway_key(path)
+    assert new and not path.parent.exists()  # building a gateway writes nothing
+    store_gateway_key(path, first)
     assert path.is_file() and public_path(path).is_file()
+    with pytest.raises(FileExistsError):
+        store_gateway_key(path, Ed25519PrivateKey.generate())
     mtime = path.stat().st_mtime_ns
-    second = gateway_key(path)
+    second, new = gateway_key(path)
+    assert not new
     assert raw_public_key(second.public_key()) == raw_public_key(first.public_key())
     assert path.stat().st_mtime_ns == mtime
 

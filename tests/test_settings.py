@@ -401,3 +401,12 @@ def test_a_gnss_table_enables_the_receiver_even_when_empty(tmp_path: Path, extra
                                                           enabled: bool) -> None:
     settings = load_settings(_write(tmp_path, MINIMAL + extra))
     assert settings.location.gnss.enabled is enabled
+
+
+def test_can_channels_override_the_profile_per_installation(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, MINIMAL + '[can]\nvehicle = "socketcan:can1"\n'))
+    assert settings.bus_overrides(["vehicle"]) == {"vehicle": "socketcan:can1"}
+    with pytest.raises(ConfigError, match=r"gw.toml: can.body: the profile has no bus 'body'"):
+        replace(settings, can={"body": "socketcan:can2"}).bus_overrides(["vehicle"])
+    with pytest.raises(ConfigError, match=r"gw.toml:\d+: can.vehicle: expected \"INTERFACE"):
+        load_settings(_write(tmp_path, MINIMAL + '[can]\nvehicle = "can0"\n'))

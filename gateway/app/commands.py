@@ -8,12 +8,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from gateway.app.pipeline import Pipeline, cancel_all
 from gateway.app.publishing import EXPIRE_EVERY, Publishing
 from gateway.app.safety import Safety
 from gateway.clock import Clock
 from gateway.commands.actions import build_actions
-from gateway.commands.keys import KeyFile, gateway_key
+from gateway.commands.keys import KeyFile, gateway_key, store_gateway_key
 from gateway.commands.outcome import Action, Confirmations
 from gateway.commands.replay import ReplayCache, ReplayCacheError
 from gateway.commands.service import CommandService, Incoming
@@ -32,6 +34,8 @@ class Commands:
     actions: dict[str, Action]
     setpoints: list[Setpoint]
     service: CommandService | None = None
+    new_key: tuple[Path, Ed25519PrivateKey] | None = None
+    """A gateway key made at build time, written to disk at start."""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -53,7 +57,9 @@ class Commands:
             log.info("commands: off (no authorized keys file configured)")
             return
         try:
-            signer = gateway_key(settings.gateway_key_path)
+            signer, new = gateway_key(settings.gateway_key_path)
+            if new:
+                self.new_key = (settings.gateway_key_path, signer)
         except (ValueError, OSError) as exc:
             raise ConfigError(settings.file or "<settings>", str(exc),
                               key="commands.gateway_key") from None
@@ -75,6 +81,9 @@ class Commands:
 
     async def start(self, clock: Clock, live: bool) -> None:
         """Open the replay cache and start answering; keep setpoints on live buses."""
+        if self.new_key is not None:
+            store_gateway_key(*self.new_key)
+            self.new_key = None
         if self.service is not None:
             await self.service.cache.open(clock.time())
             self.tasks.append(asyncio.create_task(self.service.run(), name="commands"))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from gateway import __version__
 from gateway.alerts import AlertBook
 from gateway.app.pipeline import Pipeline, cancel_all
 from gateway.clock import Clock
+from gateway.config import ConfigError
 from gateway.config.settings import Settings
+from gateway.config.toml_table import SourceMap
 from gateway.mqtt import discovery
 from gateway.mqtt.durable import DurablePublisher
 from gateway.mqtt.link import Link
@@ -18,6 +21,16 @@ from gateway.mqtt.telemetry import Telemetry
 from gateway.mqtt.topics import Topics
 from gateway.outbox import Limits, Outbox, OutboxError
 from gateway.state import StateStore
+
+
+def _table_line(file: str | None, table: str) -> int | None:
+    if file is None:
+        return None
+    try:
+        return SourceMap(Path(file).read_text(encoding="utf-8")).header_line(table)
+    except OSError:
+        return None
+
 
 EXPIRE_EVERY = 60.0
 """How often old backfill is expired from the outbox."""
@@ -56,8 +69,12 @@ class Publishing:
                         max_backfill_age=settings.outbox.max_backfill_age)
         outbox = Outbox(settings.outbox_path, limits, clock, counters, rlog)
         profile = pipeline.profile.name
-        link = Link(settings.mqtt, topics, envelope, outbox, link_clock or clock, counters, rlog,
-                    version=__version__, profile=profile)
+        try:
+            link = Link(settings.mqtt, topics, envelope, outbox, link_clock or clock, counters,
+                        rlog, version=__version__, profile=profile)
+        except ConfigError as exc:  # name the settings file and line, not only the key
+            raise ConfigError(settings.file or "<settings>", exc.detail, key="mqtt.tls",
+                              line=_table_line(settings.file, "mqtt.tls")) from None
         durable = DurablePublisher(topics, envelope, outbox, clock, counters, rlog)
         alerts = pipeline.alerts
         alerts.sink = durable

@@ -1,36 +1,156 @@
-"""``ev-gateway check PROFILE``: validate a profile and its DBCs, show what it maps."""
+"""``ev-gateway check``: validate the settings and the vehicle profile, show what they say.
+
+``check --config FILE`` loads the settings, then the profile they name, and
+builds the whole gateway as ``run`` would, offline, so every cross-check
+runs (DBC names, commands, safety, TLS files, geofences...). ``check PROFILE``
+checks a profile alone. Secrets are never printed: the password read from
+``password_file`` is shown as "set", private keys by their path only.
+"""
 
 from __future__ import annotations
 
 import argparse
+import tempfile
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from gateway.app import Commands, Pipeline, Safety
+from gateway.app import Commands, Gateway, Safety
+from gateway.can import BusOptions
+from gateway.cli.run import parse_overrides
 from gateway.clock import SystemClock
+from gateway.commands.keys import generate_private_key
 from gateway.commands.outcome import STATIONARY_ONLY
 from gateway.commands.pulse import Pulse
 from gateway.commands.setpoint import Setpoint
-from gateway.config import load_profile
+from gateway.config import Profile, load_profile
 from gateway.config.limits import LimitSpec
+from gateway.config.settings import Settings, load_settings
 
 
 def add_parser(sub: Any) -> None:
     """Register the sub-command."""
-    p = sub.add_parser("check", help="validate a vehicle profile and its DBC files")
-    p.add_argument("profile", help="profile TOML file")
+    p = sub.add_parser("check", help="validate the gateway settings and the vehicle profile",
+                       description="Validate a settings file and the profile it names "
+                                   "(--config), or a profile alone, without opening anything.")
+    p.add_argument("profile", nargs="?",
+                   help="profile TOML file (with --config: instead of the settings' profile)")
+    p.add_argument("--config", metavar="FILE", help="gateway settings TOML")
+    p.add_argument("--bus", action="append", default=[], metavar="NAME=INTERFACE:CHANNEL",
+                   help="a bus override, as given to `run` (repeatable)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load everything the daemon would load at start-up and print a summary."""
-    profile = load_profile(args.profile)
-    pipeline = Pipeline.build(profile, SystemClock())
-    safety = Safety.build(pipeline)
-    commands = Commands.build(pipeline, safety, None)
-    store, plans = pipeline.store, pipeline.plans
+    if not args.config and not args.profile:
+        raise SystemExit("ev-gateway check: give a PROFILE, or --config FILE")
+    settings = load_settings(args.config) if args.config else None
+    profile = load_profile(args.profile or (settings.profile if settings else ""))
+    with tempfile.TemporaryDirectory(prefix="ev-gateway-check-") as scratch:
+        gateway = build_offline(profile, settings, Path(scratch))
+    overrides = (settings.bus_overrides(b.name for b in profile.buses)
+                 if settings is not None else {})
+    try:
+        buses = gateway.pipeline.bus_options({**overrides, **parse_overrides(args.bus)})
+    except ValueError as exc:
+        raise SystemExit(f"ev-gateway check: --bus: {exc}") from None
+    if settings is not None:
+        print_settings(settings, buses, profile)
+    _print_profile(profile, gateway)
+    _print_safety(profile.safety.limits, gateway.safety)
+    _print_commands(gateway.commands)
+    print(f"ok: {len(gateway.pipeline.store)} canonical signals")
+    return 0
+
+
+def build_offline(profile: Profile, settings: Settings | None, scratch: Path) -> Gateway:
+    """The gateway ``run`` would build, every cross-check included, touching nothing
+    outside ``scratch``.
+
+    Building wires the outbox, replay cache and insight files without opening them,
+    but serving commands loads the gateway key and creates it when missing. So the
+    state directory becomes ``scratch``, and a key that does not exist yet (``run``
+    creates it at first start) a throwaway one there; an existing key is only read.
+    (A key this user may not even look for is left to ``run``, as the service user.)
+    """
+    if settings is not None:
+        key = settings.gateway_key_path
+        if settings.commands.keys is not None and _present(key) is not True:
+            key = scratch / "gateway.key"
+            generate_private_key(key)
+        settings = replace(settings, state_dir=scratch,
+                           commands=replace(settings.commands, gateway_key=key))
+    return Gateway.build(profile, SystemClock(), settings, None)
+
+
+def print_settings(settings: Settings, buses: list[BusOptions], profile: Profile) -> None:
+    """A short summary of ``settings``; the password and key contents are never shown."""
+    mqtt, tls, cmd, where = (settings.mqtt, settings.mqtt.tls, settings.commands,
+                             settings.location)
+    print(f"settings {settings.file}")
+    print(f"  vehicle id: {settings.vehicle_id}")
+    instead = (f" (checked instead: {profile.file})"
+               if Path(profile.file).resolve() != settings.profile else "")
+    print(f"  profile: {settings.profile}{instead}")
+    print(f"  state dir: {_exists(settings.state_dir, 'created at start')}")
+    if mqtt.enabled:
+        login = f", user {mqtt.username}" if mqtt.username else ""
+        if mqtt.password is not None:
+            login += ", password set"
+        print(f"  mqtt: {mqtt.host}:{mqtt.port}, protocol {mqtt.protocol}, "
+              f"client id {mqtt.client_id}{login}")
+    else:
+        print("  mqtt: off (enabled = false)")
+    if tls is None:
+        print("  tls: off")
+    else:
+        client = f", client cert {tls.cert}, key {tls.key}" if tls.cert else ", no client cert"
+        insecure = ", insecure (host name not verified)" if tls.insecure else ""
+        print(f"  tls: on, ca {tls.ca or 'system CAs'}{client}{insecure}")
+    specs = {spec.name: spec for spec in profile.buses}
+    for bus in buses:
+        spec = specs[bus.name]
+        rate = f" {bus.bitrate} bit/s" if bus.bitrate else ""
+        moved = ((bus.interface, bus.channel) != (spec.interface, spec.channel))
+        note = f" (--bus; profile: {spec.interface}:{spec.channel})" if moved else ""
+        print(f"  can {bus.name}: {bus.interface}:{bus.channel}{rate}{note}")
+    gnss = where.gnss
+    print(f"  gnss: {gnss.device} at {gnss.baud} baud" if gnss.enabled else "  gnss: off")
+    if where.geofences:
+        names = ", ".join(fence.name for fence in where.geofences)
+        off = "; not evaluated: gnss is off" if not gnss.enabled else ""
+        print(f"  geofences: {len(where.geofences)} ({names}){off}")
+    else:
+        print("  geofences: 0")
+    if cmd.keys is None:
+        print("  commands: off (no [commands] keys file)")
+    else:
+        print(f"  commands: on, keys {cmd.keys}, gateway key "
+              f"{_exists(settings.gateway_key_path, 'created at first start')}")
+    ha = settings.homeassistant
+    print(f"  home assistant: {'on, prefix ' + ha.prefix if ha.enabled else 'off'}")
+
+
+def _present(path: Path) -> bool | None:
+    """Whether ``path`` exists; None when this user may not look (a 0700 state dir)."""
+    try:
+        return path.exists()
+    except OSError:
+        return None
+
+
+def _exists(path: Path, otherwise: str) -> str:
+    present = _present(path)
+    if present is None:
+        return f"{path} (not readable by this user; not checked)"
+    return f"{path}" if present else f"{path} (not there yet; {otherwise})"
+
+
+def _print_profile(profile: Profile, gateway: Gateway) -> None:
     print(f"profile {profile.name}: {profile.description}")
     print(f"  file: {profile.file}")
-    for name, plan in plans.items():
+    for name, plan in gateway.pipeline.plans.items():
         spec = plan.spec
         print(f"bus {name}: {spec.interface}:{spec.channel}"
               f"{f' {spec.bitrate} bit/s' if spec.bitrate else ''}{' CAN FD' if spec.fd else ''}")
@@ -56,10 +176,6 @@ def run(args: argparse.Namespace) -> int:
                     print(f"    {sd.dbc_signal} -> {slot.path}{unit} stale after {stale}{note}")
         ignored = len(plan.messages) - len(plan.mapped)
         print(f"  {len(plan.mapped)} messages mapped, {ignored} in the DBCs but not mapped")
-    _print_safety(profile.safety.limits, safety)
-    _print_commands(commands)
-    print(f"ok: {len(store)} canonical signals")
-    return 0
 
 
 def _print_safety(limits: dict[str, LimitSpec], safety: Safety) -> None:

@@ -35,6 +35,7 @@ from gateway.commands.keys import (
     parse_public_key,
     public_path,
     public_pem,
+    store_gateway_key,
 )
 from gateway.config.errors import ConfigError
 from gateway.config.settings import load_settings
@@ -311,7 +312,10 @@ def show_gateway_key(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("keys gateway", "give --config SETTINGS, --state-dir DIR or --key FILE")
     try:
-        public = gateway_key(path).public_key()
+        key, new = gateway_key(path)
+        if new:  # operators pin the key before the first start, so make it now
+            store_gateway_key(path, key)
+        public = key.public_key()
     except (ValueError, OSError) as exc:
         raise ConfigError(str(path), str(exc)) from None
     print(public_pem(public).decode("ascii"), end="")

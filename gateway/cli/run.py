@@ -133,7 +133,12 @@ def run(args: argparse.Namespace) -> int:
         except KeyError:
             raise SystemExit(f"ev-gateway run: no speed-cap profile {args.speed_cap!r}; "
                              f"profiles: {', '.join(speed_cap.spec.profiles)}") from None
-    options = gateway.pipeline.bus_options(parse_overrides(args.bus))
+    names = [b.name for b in profile.buses]
+    overrides = settings.bus_overrides(names) if settings is not None else {}
+    try:
+        options = gateway.pipeline.bus_options({**overrides, **parse_overrides(args.bus)})
+    except ValueError as exc:
+        raise SystemExit(f"ev-gateway run: --bus: {exc}") from None
     return asyncio.run(_main(args, gateway, options, clock))
 
 

@@ -187,6 +187,13 @@ class KeyFile:
 def generate_private_key(path: Path) -> Ed25519PrivateKey:
     """Create a new key at ``path`` (PKCS#8 PEM, mode 0600) and ``path``.pub (PEM)."""
     key = Ed25519PrivateKey.generate()
+    write_private_key(path, key)
+    return key
+
+
+def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
+    """Store ``key`` at ``path`` (PKCS#8 PEM, mode 0600) and its public half at ``path``.pub;
+    FileExistsError when ``path`` exists."""
     pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     path.parent.mkdir(parents=True, exist_ok=True)
     # O_EXCL: never overwrite a key; 0600 from the start, not chmod after the write.
@@ -194,7 +201,6 @@ def generate_private_key(path: Path) -> Ed25519PrivateKey:
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     public_path(path).write_bytes(public_pem(key.public_key()))
-    return key
 
 
 def public_path(path: Path) -> Path:
@@ -220,13 +226,19 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def gateway_key(path: Path) -> Ed25519PrivateKey:
-    """The gateway's result-signing key, created on first start."""
+def gateway_key(path: Path) -> tuple[Ed25519PrivateKey, bool]:
+    """The gateway's result-signing key and whether it is new: a missing key is made in
+    memory only, so that building a gateway (``ev-gateway check``) writes nothing;
+    :func:`store_gateway_key` keeps it when the gateway starts."""
     if not path.exists():
-        key = generate_private_key(path)
-        log.info("commands: created the gateway key %s (id %s)", path, key_id(key.public_key()))
-        return key
-    return load_private_key(path)
+        return Ed25519PrivateKey.generate(), True
+    return load_private_key(path), False
+
+
+def store_gateway_key(path: Path, key: Ed25519PrivateKey) -> None:
+    """Write a new gateway key on first start (FileExistsError if one appeared meanwhile)."""
+    write_private_key(path, key)
+    log.info("commands: created the gateway key %s (id %s)", path, key_id(key.public_key()))
 
 
 def key_entry(name: str, role: str, key: Ed25519PublicKey,

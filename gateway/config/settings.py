@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, NoReturn
 
 from gateway.config.errors import ConfigError
+from gateway.config.health import HealthSettings, parse_health
 from gateway.config.location import (
     LocationSettings,
     parse_geofences,
@@ -31,7 +32,7 @@ from gateway.mqtt.topics import valid_topic_prefix, valid_vehicle_id
 MqttProtocol = Literal["auto", "5", "3.1.1"]
 _PROTOCOLS: dict[str, MqttProtocol] = {"auto": "auto", "5": "5", "3.1.1": "3.1.1"}
 _SECTIONS = ("gateway", "mqtt", "telemetry", "outbox", "homeassistant", "commands", "gnss",
-             "insights")
+             "insights", "health", "can")
 _ARRAYS = ("geofence",)
 _MODE_INTERVALS = {"drive": 1.0, "charge": 10.0, "park": 60.0}
 _VEHICLE_ID_RULE = "expected 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
@@ -171,6 +172,20 @@ class Settings:
     file: str | None
     commands: CommandSettings = field(default_factory=lambda: CommandSettings(None, None))
     location: LocationSettings = field(default_factory=LocationSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
+    can: Mapping[str, str] = field(default_factory=dict)
+    """``[can]``: bus name -> ``INTERFACE:CHANNEL``, overriding the profile's channel (the
+    profile says what the car's bus carries, this file where this head unit reaches it)."""
+
+    def bus_overrides(self, profile_buses: Iterable[str]) -> dict[str, str]:
+        """``[can]`` checked against the profile's bus names; ConfigError naming the key."""
+        known = set(profile_buses)
+        for name in self.can:
+            if name not in known:
+                raise ConfigError(self.file or "<settings>",
+                                  f"the profile has no bus {name!r}; its buses: "
+                                  f"{', '.join(sorted(known))}", key=f"can.{name}")
+        return dict(self.can)
 
     @property
     def outbox_path(self) -> Path:
@@ -308,6 +323,8 @@ def _assemble(
         commands=_commands(sections["commands"], base),
         location=LocationSettings(gnss=parse_gnss(sections["gnss"]),
                                   insights=parse_insights(sections["insights"])),
+        health=parse_health(sections["health"]),
+        can=_can(sections["can"]),
     )
 
 
@@ -412,6 +429,16 @@ def _fail_quoted(t: Table, key: str, message: str) -> NoReturn:
         if line != t.line:
             break
     raise ConfigError(t.file, message, line=line, key=f'{t.label}."{key}"')
+
+
+def _can(t: Table) -> dict[str, str]:
+    out = {}
+    for name, value in t.data.items():
+        interface, sep, channel = value.partition(":") if isinstance(value, str) else ("", "", "")
+        if not (sep and interface and channel):
+            t.fail(name, f'expected "INTERFACE:CHANNEL" such as "socketcan:can0", got {value!r}')
+        out[name] = value
+    return out
 
 
 def _outbox(t: Table) -> OutboxSettings:
