@@ -86,6 +86,9 @@ def test_a_valid_config_passes_prints_the_summary_and_creates_nothing(
         "  mqtt: broker.example:8883, protocol auto, client id evgw-car-check, user gw, "
         "password set",
         f"  tls: on, ca {pki.ca}, client cert {pki.client_cert}, key {pki.client_key}",
+        # The test PKI's client certificate is not named after this vehicle.
+        "  WARNING: the client certificate is for evgw-car-tls, not vehicle car-check: a fleet "
+        "broker (docs/fleet-broker.md) will refuse its publishes",
         "  can vehicle: socketcan:can0 500000 bit/s",
         "  gnss: /dev/ttyUSB0 at 115200 baud",
         "  geofences: 2 (depot, yard)",
@@ -125,7 +128,7 @@ def test_bus_overrides_are_shown_next_to_the_profile_s_bus(
         tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, pki)
     assert main(["check", "--config", str(config), "--bus", "vehicle=virtual:bench"]) == 0
-    assert ("  can vehicle: virtual:bench 500000 bit/s (--bus; profile: socketcan:can0)\n"
+    assert ("  can vehicle: virtual:bench 500000 bit/s ([can] or --bus; profile: socketcan:can0)\n"
             in capsys.readouterr().out)
     with pytest.raises(SystemExit, match="no bus named motor"):
         main(["check", "--config", str(config), "--bus", "motor=virtual:x"])

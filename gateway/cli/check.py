@@ -15,6 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
 from gateway.app import Commands, Gateway, Safety
 from gateway.can import BusOptions
 from gateway.cli.run import parse_overrides
@@ -84,6 +87,16 @@ def build_offline(profile: Profile, settings: Settings | None, scratch: Path) ->
     return Gateway.build(profile, SystemClock(), settings, None)
 
 
+def _certificate_names(path: Path) -> list[str]:
+    """The common names in the PEM certificate at ``path`` ([] when unreadable; the TLS
+    loader reports that)."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return []
+    return [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+
+
 def print_settings(settings: Settings, buses: list[BusOptions], profile: Profile) -> None:
     """A short summary of ``settings``; the password and key contents are never shown."""
     mqtt, tls, cmd, where = (settings.mqtt, settings.mqtt.tls, settings.commands,
@@ -108,12 +121,20 @@ def print_settings(settings: Settings, buses: list[BusOptions], profile: Profile
         client = f", client cert {tls.cert}, key {tls.key}" if tls.cert else ", no client cert"
         insecure = ", insecure (host name not verified)" if tls.insecure else ""
         print(f"  tls: on, ca {tls.ca or 'system CAs'}{client}{insecure}")
+        if tls.cert is not None:
+            cns = _certificate_names(tls.cert)
+            if cns and settings.vehicle_id not in cns:
+                # A fleet broker makes the certificate's name the MQTT user its ACL checks:
+                # every publish would be refused without a word to the gateway.
+                print(f"  WARNING: the client certificate is for {', '.join(cns)}, not "
+                      f"vehicle {settings.vehicle_id}: a fleet broker (docs/fleet-broker.md) "
+                      f"will refuse its publishes")
     specs = {spec.name: spec for spec in profile.buses}
     for bus in buses:
         spec = specs[bus.name]
         rate = f" {bus.bitrate} bit/s" if bus.bitrate else ""
         moved = ((bus.interface, bus.channel) != (spec.interface, spec.channel))
-        note = f" (--bus; profile: {spec.interface}:{spec.channel})" if moved else ""
+        note = f" ([can] or --bus; profile: {spec.interface}:{spec.channel})" if moved else ""
         print(f"  can {bus.name}: {bus.interface}:{bus.channel}{rate}{note}")
     gnss = where.gnss
     print(f"  gnss: {gnss.device} at {gnss.baud} baud" if gnss.enabled else "  gnss: off")
