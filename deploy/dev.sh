@@ -72,9 +72,11 @@ case "$cmd" in
     ;;
   test)
     ensure_mosquitto
-    # systemd-analyze verifies the service unit, openssl issues the fleet broker's test certificates.
-    apt_ensure systemd openssl
+    # systemd-analyze verifies the service unit, openssl issues the fleet broker's test
+    # certificates, shellcheck checks the installer and the certificate scripts.
+    apt_ensure systemd openssl shellcheck
     ensure_venv
+    shellcheck deploy/*.sh deploy/broker/*.sh
     "$venv/bin/ruff" check gateway hil tests bench
     "$venv/bin/mypy"
     # The safety package must stay fully branch-covered (see [tool.coverage] in pyproject.toml).
