@@ -110,6 +110,7 @@ def schema_name_for(topic: str) -> str:
         t.location: "location.json",
         t.last_trip: "trips-last.json",
         t.last_charge: "charging-last.json",
+        t.health: "health.json",
         **{t.state(group): "state.json" for group in GROUPS},
     }
     try:

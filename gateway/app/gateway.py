@@ -13,6 +13,7 @@ from typing import Self
 import can
 
 from gateway.app.commands import Commands
+from gateway.app.health import Health
 from gateway.app.location import Insights, Location
 from gateway.app.pipeline import Pipeline
 from gateway.app.publishing import Publishing
@@ -20,6 +21,7 @@ from gateway.app.safety import Safety
 from gateway.can import BusOptions, open_bus
 from gateway.clock import Clock
 from gateway.config import Profile
+from gateway.config.health import HealthSettings
 from gateway.config.location import LocationSettings
 from gateway.config.settings import Settings
 
@@ -51,6 +53,7 @@ class Gateway:
     publishing: Publishing | None
     location: Location | None = None
     insights: Insights | None = None
+    health: Health | None = None
 
     @classmethod
     def build(cls, profile: Profile, clock: Clock, settings: Settings | None,
@@ -74,7 +77,10 @@ class Gateway:
             insights.outputs.attach(publishing)
             if location is not None:
                 location.publish(publishing)
-        return cls(pipeline, safety, commands, publishing, location, insights)
+        health = Health.build(pipeline, publishing, location,
+                              settings.health if settings is not None else HealthSettings(),
+                              clock)
+        return cls(pipeline, safety, commands, publishing, location, insights, health)
 
     async def start(self, options: Sequence[BusOptions] | None,
                     opener: Callable[[BusOptions], can.BusABC] = open_bus) -> None:
@@ -88,9 +94,13 @@ class Gateway:
         if self.location is not None:
             self.location.start()
         await self.commands.start(self.pipeline.clock, live=options is not None)
+        if self.health is not None:
+            await self.health.start()  # last: READY=1 tells systemd everything is up
 
     async def stop(self) -> None:
-        """Stop every stage: commands first, the pipeline last."""
+        """Stop every stage: health (STOPPING=1) and commands first, the pipeline last."""
+        if self.health is not None:
+            await self.health.stop()
         await self.commands.stop()
         if self.location is not None:
             await self.location.stop()

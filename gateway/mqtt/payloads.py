@@ -116,3 +116,12 @@ def location_body(position: Mapping[str, Any]) -> Payload:
 def record_body(kind: str, record: Mapping[str, Any]) -> Payload:
     """Body of ``trips/last`` (``kind`` trip) or ``charging/last`` (``kind`` session)."""
     return {kind: dict(record)}
+
+
+def health_body(report: Mapping[str, Any]) -> Payload:
+    """Body of a ``health`` message: the report's fields at the top level, beside the
+    envelope (gateway.health.report builds them; docs/health.md describes them)."""
+    reserved = {"v", "vehicle", "boot", "seq", "ts"} & report.keys()
+    if reserved:
+        raise ValueError(f"a health report must not set envelope fields: {sorted(reserved)}")
+    return dict(report)

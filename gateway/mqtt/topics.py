@@ -67,6 +67,11 @@ class Topics:
         return f"{self.base}/location"
 
     @property
+    def health(self) -> str:
+        """The gateway's own health report (QoS 0, every ``[health] interval_s``)."""
+        return f"{self.base}/health"
+
+    @property
     def last_trip(self) -> str:
         """Retained: the last finished trip."""
         return f"{self.base}/trips/last"

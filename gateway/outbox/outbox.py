@@ -36,6 +36,7 @@ class Outbox:
         self._executor: ThreadPoolExecutor | None = None
         self._rows_pending = asyncio.Event()
         self._stats = self._store.stats()
+        self._oldest: float | None = None
 
     async def open(self) -> None:
         """Open the database on the worker thread, recovering from a corrupt file."""
@@ -120,6 +121,10 @@ class Outbox:
         """Stats as of the last completed operation (no I/O)."""
         return dict(self._stats)
 
+    def oldest_created(self) -> float | None:
+        """Creation time of the oldest pending row, as of the last completed operation."""
+        return self._oldest
+
     @property
     def depth(self) -> int:
         """Rows pending, as of the last completed operation."""
@@ -144,19 +149,19 @@ class Outbox:
             raise OutboxError(f"outbox {self._path} is not open")
         store = self._store
 
-        def work() -> tuple[T, dict[str, int]]:
+        def work() -> tuple[T, dict[str, int], float | None]:
             result = job()
-            return result, store.stats()
+            return result, store.stats(), store.oldest_created()
 
         future = asyncio.get_running_loop().run_in_executor(executor, work)
 
-        def done(fut: asyncio.Future[tuple[T, dict[str, int]]]) -> None:
+        def done(fut: asyncio.Future[tuple[T, dict[str, int], float | None]]) -> None:
             if fut.cancelled() or fut.exception() is not None:
                 return
-            result, self._stats = fut.result()
+            result, self._stats, self._oldest = fut.result()
             if after is not None:
                 after(result)
 
         future.add_done_callback(done)
-        result, _ = await asyncio.shield(future)
+        result, _, _ = await asyncio.shield(future)
         return result

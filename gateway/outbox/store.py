@@ -237,6 +237,14 @@ class OutboxStore:
         stats.update({kind.name.lower(): count for kind, count in totals.rows.items()})
         return stats
 
+    def oldest_created(self) -> float | None:
+        """When the oldest pending row was made (ids grow with creation, and the primary
+        key makes this one index step); None when the outbox is empty or closed."""
+        if self._conn is None:
+            return None
+        row = self._conn.execute("SELECT created FROM messages ORDER BY id LIMIT 1").fetchone()
+        return None if row is None else float(row[0])
+
     # ------------------------------------------------------------------ internals
 
     def _checked_size(self, entry: Entry) -> int:
