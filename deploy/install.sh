@@ -29,7 +29,7 @@ say() { echo "install.sh: $*" >&2; }
 die() { say "$*"; exit 1; }
 usage() { sed -n '4,18{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}" >&2; exit "${1:-2}"; }
 
-root=/ from="$here" no_deps=0 can_bitrate="" vcan=0 uninstall=0 purge=0
+root=/ from="$here" no_deps=0 can_bitrate="" vcan=0 uninstall=0 purge=0 fresh_config=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --root) [ $# -ge 2 ] || usage; root="$2"; shift ;;
@@ -185,6 +185,7 @@ install_config() {
   chmod 0640 "$new"
   own "$new"
   mv -f "$new" "$conf"
+  fresh_config=1
   say "installed ${conf#"$R"}: set vehicle_id and [mqtt] before starting"
 }
 
@@ -226,9 +227,17 @@ do_install() {
   if [ "$live" -eq 1 ]; then
     systemctl daemon-reload
     systemctl enable ev-gateway.service
-    # restart, not start: a second run is an upgrade and must run the new code.
-    systemctl restart ev-gateway.service
-    say "ev-gateway.service enabled and (re)started; logs: journalctl -u ev-gateway -f"
+    if [ "$fresh_config" -eq 1 ]; then
+      # Started on the example, the gateway would queue messages under the example's
+      # vehicle id and send them once the real broker is configured.
+      say "ev-gateway.service enabled, not started: edit ${etc#"$R"}/gateway.toml, run" \
+        "'ev-gateway check --config /etc/ev-gateway/gateway.toml', then" \
+        "'systemctl start ev-gateway'"
+    else
+      # restart, not start: a second run is an upgrade and must run the new code.
+      systemctl restart ev-gateway.service
+      say "ev-gateway.service enabled and (re)started; logs: journalctl -u ev-gateway -f"
+    fi
   else
     say "not the running system: run 'systemctl daemon-reload && systemctl enable --now ev-gateway' there"
   fi

@@ -117,9 +117,10 @@ def test_unit_declares_the_service_contract(installed: Installed) -> None:
         "Group": "ev-gateway", "SupplementaryGroups": "dialout",
         "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
         "NoNewPrivileges": "yes", "MemoryDenyWriteExecute": "yes", "CapabilityBoundingSet": "",
-        "DevicePolicy": "closed", "Environment": "PYTHONUNBUFFERED=1",
+        "DevicePolicy": "closed",
     }
     assert {k: unit[f"Service.{k}"] for k in expected} == {k: [v] for k, v in expected.items()}
+    assert unit["Service.Environment"] == ["PYTHONUNBUFFERED=1", "PYTHONFAULTHANDLER=1"]
     assert unit["Service.RestrictAddressFamilies"][0].split() == [
         "AF_UNIX", "AF_INET", "AF_INET6", "AF_CAN", "AF_NETLINK"]
     assert "char-ttyACM rw" in unit["Service.DeviceAllow"]

@@ -146,17 +146,10 @@ async def test_a_stalled_loop_stops_the_pings_until_it_recovers(listener, ref_pr
         listener.mark("recovered")
         await listener.wait_for(lambda: pings(listener.after("recovered")) >= 3,
                                 "pings after the stall")
-        after = listener.after("recovered")
-        # Nothing could be sent while the loop was blocked.
+        # Nothing could be sent while the loop was blocked: a stall longer than WatchdogSec
+        # gets the service killed by systemd. One late check afterwards is forgiven.
         got = listener.messages
         assert got.index("TEST=recovered") == got.index("TEST=stall") + 1
-        # The first check after the stall withholds its ping and says why.
-        assert after[0].startswith("STATUS=unhealthy")
-        assert "event loop lag" in after[0]
-        # Then the pings resume, announced by a status.
-        first_ping = after.index("WATCHDOG=1")
-        assert all(m.startswith("STATUS=unhealthy") for m in after[:first_ping - 1])
-        assert after[first_ping - 1] == "STATUS=running"
         assert health.watchdog.healthy
 
 
@@ -221,10 +214,10 @@ async def test_a_bus_that_never_delivered_is_not_held_against_the_gateway(listen
 
 # --- the notify protocol and the check on their own -----------------------------------------
 
-def test_the_watchdog_interval_is_half_of_watchdog_usec_for_this_process_only():
-    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
+def test_the_watchdog_interval_is_a_quarter_of_watchdog_usec_for_this_process_only():
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 7.5
     assert watchdog_interval({"WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getpid())}) \
-        == 0.1
+        == 0.05
     assert watchdog_interval({"WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"}) is None
     assert watchdog_interval({}) is None
     assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None
@@ -256,9 +249,30 @@ async def test_a_failing_check_counts_as_unhealthy(tmp_path):
             raise RuntimeError("bug")
 
         dog = Watchdog(Notifier(path), SystemClock(), broken, 0.1)
+        assert dog.step()  # the first bad check is forgiven
+        assert sock.recv(200) == b"WATCHDOG=1"
         assert not dog.step()
         assert sock.recv(200).startswith(b"STATUS=unhealthy, not pinging the watchdog: "
                                          b"health check failed: RuntimeError('bug')")
+        dog.notifier.close()
+
+
+def test_one_bad_check_is_forgiven_and_two_in_a_row_withhold_the_ping(tmp_path):
+    path = str(tmp_path / "n")
+    results = iter([(False, "lag"), (True, "ok"), (False, "lag"), (False, "lag"), (True, "ok")])
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(1.0)
+        dog = Watchdog(Notifier(path), SystemClock(), lambda: next(results), 0.1)
+        assert [dog.step() for _ in range(5)] == [True, True, True, False, True]
+        sent = []
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                sent.append(sock.recv(200).decode())
+        assert sent[:3] == ["WATCHDOG=1"] * 3
+        assert sent[3].startswith("STATUS=unhealthy") and "lag" in sent[3]
+        assert sent[-1] == "WATCHDOG=1" and "STATUS=running" in sent[-2]
         dog.notifier.close()
 
 

@@ -15,7 +15,7 @@ from gateway.app.publishing import EXPIRE_EVERY, Publishing
 from gateway.app.safety import Safety
 from gateway.clock import Clock
 from gateway.commands.actions import build_actions
-from gateway.commands.keys import KeyFile, gateway_key, store_gateway_key
+from gateway.commands.keys import KeyFile, gateway_key, load_private_key, store_gateway_key
 from gateway.commands.outcome import Action, Confirmations
 from gateway.commands.replay import ReplayCache, ReplayCacheError
 from gateway.commands.service import CommandService, Incoming
@@ -82,8 +82,15 @@ class Commands:
     async def start(self, clock: Clock, live: bool) -> None:
         """Open the replay cache and start answering; keep setpoints on live buses."""
         if self.new_key is not None:
-            store_gateway_key(*self.new_key)
+            path, key = self.new_key
             self.new_key = None
+            try:
+                store_gateway_key(path, key)
+            except FileExistsError:
+                # Another process made the key since build: the service must sign with it.
+                if self.service is not None:
+                    self.service.use_signer(load_private_key(path))
+                log.warning("commands: %s appeared while starting; using it", path)
         if self.service is not None:
             await self.service.cache.open(clock.time())
             self.tasks.append(asyncio.create_task(self.service.run(), name="commands"))

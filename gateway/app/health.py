@@ -17,7 +17,7 @@ from gateway.app.pipeline import Pipeline, cancel_all
 from gateway.app.publishing import Publishing
 from gateway.clock import Clock
 from gateway.config.health import HealthSettings
-from gateway.health import Counters
+from gateway.health import Counters, RateLimitedLog
 from gateway.health.lag import LoopLag
 from gateway.health.prometheus import MetricsServer, render
 from gateway.health.report import HealthReporter, Report, Sources
@@ -40,6 +40,7 @@ class Health:
     settings: HealthSettings
     clock: Clock
     counters: Counters
+    rlog: RateLimitedLog
     lag: LoopLag
     reporter: HealthReporter
     watchdog: Watchdog
@@ -69,7 +70,8 @@ class Health:
         check = PipelineHealth(pipeline.counters, buses, lag, lambda: last_seen_mode(store), clock,
                                settings.max_loop_lag_s, settings.stall_after_s)
         watchdog = Watchdog(Notifier.from_env(environ), clock, check, watchdog_interval(environ))
-        return cls(settings, clock, pipeline.counters, lag, HealthReporter(sources, clock),
+        return cls(settings, clock, pipeline.counters, pipeline.rlog, lag,
+                   HealthReporter(sources, clock),
                    watchdog, publishing)
 
     async def start(self) -> None:
@@ -114,7 +116,11 @@ class Health:
     async def _report(self) -> None:
         while True:
             await self.clock.sleep(self.settings.interval_s)
-            await self.publish(self.report_now())
+            try:
+                await self.publish(self.report_now())
+            except Exception as exc:  # the report must not take the shutdown down with it
+                self.counters.inc("health.report_failed")
+                self.rlog.error("health.report", f"health: the report failed: {exc!r}")
 
     async def stop(self) -> None:
         """Tell systemd STOPPING=1, then stop every task and the metrics server."""

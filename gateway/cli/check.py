@@ -71,11 +71,10 @@ def build_offline(profile: Profile, settings: Settings | None, scratch: Path) ->
     """The gateway ``run`` would build, every cross-check included, touching nothing
     outside ``scratch``.
 
-    Building wires the outbox, replay cache and insight files without opening them,
-    but serving commands loads the gateway key and creates it when missing. So the
-    state directory becomes ``scratch``, and a key that does not exist yet (``run``
-    creates it at first start) a throwaway one there; an existing key is only read.
-    (A key this user may not even look for is left to ``run``, as the service user.)
+    Building opens and writes nothing (a missing gateway key is made in memory and
+    stored only at start). A key this user may not read (it belongs to the service
+    user) is left to ``run``: a throwaway one in ``scratch`` stands in for it, so the
+    rest of the configuration is still checked.
     """
     if settings is not None:
         key = settings.gateway_key_path

@@ -301,6 +301,17 @@ def _replace(path: Path, text: str, check: Callable[[KeyRing], None] | None) -> 
 # ---- the gateway's key --------------------------------------------------------------
 
 
+def _owned_like_its_directory(path: Path) -> None:
+    """Run with sudo, a new key would belong to root and the service (its own user) could
+    not read it: give it, and its public half, to the owner of the state directory."""
+    if os.geteuid() != 0:
+        return
+    st = path.parent.stat()
+    for p in (path, public_path(path)):
+        if p.exists():
+            os.chown(p, st.st_uid, st.st_gid)
+
+
 def show_gateway_key(args: argparse.Namespace) -> int:
     """Print the public half (PEM) and id of the gateway's result-signing key."""
     if args.key:
@@ -315,6 +326,7 @@ def show_gateway_key(args: argparse.Namespace) -> int:
         key, new = gateway_key(path)
         if new:  # operators pin the key before the first start, so make it now
             store_gateway_key(path, key)
+            _owned_like_its_directory(path)
         public = key.public_key()
     except (ValueError, OSError) as exc:
         raise ConfigError(str(path), str(exc)) from None

@@ -19,6 +19,7 @@ force; a file that was deleted revokes every key.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -193,14 +194,39 @@ def generate_private_key(path: Path) -> Ed25519PrivateKey:
 
 def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
     """Store ``key`` at ``path`` (PKCS#8 PEM, mode 0600) and its public half at ``path``.pub;
-    FileExistsError when ``path`` exists."""
+    FileExistsError when ``path`` exists.
+
+    Both files are written to a temporary name, flushed to the card and then linked into
+    place, so a power cut leaves either no key or a whole one, never an empty file that
+    would keep the gateway from starting."""
     pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     path.parent.mkdir(parents=True, exist_ok=True)
-    # O_EXCL: never overwrite a key; 0600 from the start, not chmod after the write.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    public_path(path).write_bytes(public_pem(key.public_key()))
+    _write_new(path, pem, 0o600, replace=False)
+    # The public half is derived; written second, it is only ever missing, never wrong.
+    _write_new(public_path(path), public_pem(key.public_key()), 0o644, replace=True)
+
+
+def _write_new(path: Path, data: bytes, mode: int, *, replace: bool) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # O_EXCL and the final mode from the start: never chmod a key after writing it.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if the key exists: a key is never overwritten
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def public_path(path: Path) -> Path:

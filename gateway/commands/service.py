@@ -120,8 +120,7 @@ class CommandService:
                  audit: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.topics = topics
         self.keys = keys
-        self._signer = signer
-        self.kid = env.key_id(signer.public_key())
+        self.use_signer(signer)
         self.cache = cache
         self.actions = actions
         self._verdicts = verdicts
@@ -140,6 +139,11 @@ class CommandService:
 
     # ---- intake ---------------------------------------------------------------------
 
+
+    def use_signer(self, signer: Ed25519PrivateKey) -> None:
+        """Sign results with ``signer`` (the gateway key; replaced only before serving)."""
+        self._signer = signer
+        self.kid = env.key_id(signer.public_key())
     def submit(self, msg: Incoming) -> None:
         """Queue a message from the command topic (never blocks; when full, the oldest
         waiting message is dropped: it is the likeliest to expire first)."""

@@ -59,8 +59,8 @@ class Sources:
     outbox_pending: Callable[[], int] | None = None
     """Entries handed to the durable path but not yet committed to the file."""
     outbox_oldest: Callable[[], float | None] | None = None
-    """Creation time (clock.time()) of the oldest unsent row; the outbox has no such
-    accessor yet, so the report carries ``oldest_age_s`` only when one is given."""
+    """Creation time (clock.time()) of the oldest unsent row (``Outbox.oldest_created``);
+    the report carries ``oldest_age_s`` only when one is given."""
     gnss: GnssSource | None = None
 
 

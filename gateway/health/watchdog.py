@@ -107,7 +107,8 @@ class Notifier:
 
 
 def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
-    """Seconds between pings: half of ``$WATCHDOG_USEC``, None when there is no watchdog
+    """Seconds between checks: a quarter of ``$WATCHDOG_USEC`` (so one unhealthy check can
+    be forgiven and the next ping still lands in time), None when there is no watchdog
     (unset, unparsable, or meant for another process by ``$WATCHDOG_PID``)."""
     env = os.environ if environ is None else environ
     pid = env.get("WATCHDOG_PID")
@@ -116,7 +117,7 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
     usec = env.get("WATCHDOG_USEC", "")
     if not usec.isdigit() or int(usec) == 0:
         return None
-    return int(usec) / 2e6
+    return int(usec) / 4e6
 
 
 def last_seen_mode(store: StateStore) -> Mode:
@@ -223,6 +224,9 @@ class Watchdog:
         self._rlog = RateLimitedLog(log, clock, interval=60.0)
         self.healthy = True
         self.reason = "healthy"
+        self._bad = 0
+        """Consecutive unhealthy checks."""
+        self._withholding = False
 
     async def run(self) -> None:
         """Check and ping until cancelled; returns at once without a watchdog interval."""
@@ -238,13 +242,20 @@ class Watchdog:
             healthy, reason = self._check()
         except Exception as exc:  # a broken check must not look like a healthy gateway
             healthy, reason = False, f"health check failed: {exc!r}"
-        was_healthy, self.healthy, self.reason = self.healthy, healthy, reason
+        self.healthy, self.reason = healthy, reason
+        self._bad = 0 if healthy else self._bad + 1
+        if not healthy and self._bad == 1:
+            # One bad check (a GC pause, an SD card stall) is forgiven: only a condition that
+            # lasts two checks, half the watchdog period, gets the gateway restarted.
+            return self.notifier.watchdog()
         if not healthy:
+            self._withholding = True
             self.notifier.status(f"unhealthy, not pinging the watchdog: {reason}")
             self._rlog.error("watchdog", f"health: unhealthy, withholding the watchdog ping: "
                                          f"{reason}")
             return False
-        if not was_healthy:
+        if self._withholding:
+            self._withholding = False
             self.notifier.status("running")
             log.info("health: healthy again, pinging the watchdog")
         return self.notifier.watchdog()
