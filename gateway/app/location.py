@@ -11,6 +11,7 @@ retained summaries, and into the local SQLite log.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -98,10 +99,6 @@ class Location:
         """Close the receiver."""
         await cancel_all(self.tasks)
         self.tasks.clear()
-
-
-def _ignoring_arg(fn: Callable[[], None]) -> Callable[[Any], None]:
-    return lambda _: fn()
 
 
 def _log_only(kind: str, data: Mapping[str, Any]) -> None:
@@ -216,16 +213,17 @@ class Insights:
             await self.outputs.journal.open()
         self.tasks.append(asyncio.create_task(self._run(), name="insights"))
 
-    def guarded(self, name: str, step: Callable[[Any], None]) -> Callable[[Any], None]:
+    def guarded(self, name: str, step: Callable[..., object]) -> Callable[..., None]:
         """``step`` with its exceptions counted (``insights.errors.<name>``) and logged once:
         a bug in one estimator must cost its own figure, not the decode task or the others."""
-        def run(arg: Any) -> None:
-            try:
-                step(arg)
-            except Exception as exc:
-                self.counters.inc(f"insights.errors.{name}")
-                self.rlog.error(f"insights.errors.{name}", f"insights: {name} failed: {exc!r}")
-        return run
+        return lambda *args: self._call(name, step, *args)
+
+    def _call(self, name: str, step: Callable[..., object], *args: Any) -> None:
+        try:
+            step(*args)
+        except Exception as exc:
+            self.counters.inc(f"insights.errors.{name}")
+            self.rlog.error(f"insights.errors.{name}", f"insights: {name} failed: {exc!r}")
 
     async def _run(self) -> None:
         next_save = self.clock.monotonic() + SAVE_EVERY_S
@@ -244,7 +242,7 @@ class Insights:
         if self.parked is not None:
             updates.append(("parked", self.parked.update))
         for name, update in updates:
-            self.guarded(name, update)(now)
+            self._call(name, update, now)
 
     def save(self) -> None:
         """Write open trips, sessions and battery totals to the state directory."""
@@ -255,7 +253,7 @@ class Insights:
                                                          ("parked", self.parked))
                   if part is not None]
         for name, save in saves:
-            self.guarded(name, _ignoring_arg(save))(None)
+            self._call(name, save)
 
     async def stop(self) -> None:
         """Stop the estimators, save their state and close the local log."""
@@ -263,7 +261,7 @@ class Insights:
         self.tasks.clear()
         self.save()
         # Throughput alone is held back between periodic saves; a clean stop keeps all of it.
-        self.guarded("battery", _ignoring_arg(lambda: self.battery.save(force=True)))(None)
+        self._call("battery", functools.partial(self.battery.save, force=True))
         if self.outputs.writes:
             await asyncio.gather(*self.outputs.writes, return_exceptions=True)
         if self.outputs.journal is not None:

@@ -76,13 +76,11 @@ def build_offline(profile: Profile, settings: Settings | None, scratch: Path) ->
     user) is left to ``run``: a throwaway one in ``scratch`` stands in for it, so the
     rest of the configuration is still checked.
     """
-    if settings is not None:
-        key = settings.gateway_key_path
-        if settings.commands.keys is not None and _present(key) is not True:
-            key = scratch / "gateway.key"
-            generate_private_key(key)
-        settings = replace(settings, state_dir=scratch,
-                           commands=replace(settings.commands, gateway_key=key))
+    if settings is not None and settings.commands.keys is not None \
+            and _present(settings.gateway_key_path) is None:
+        key = scratch / "gateway.key"
+        generate_private_key(key)
+        settings = replace(settings, commands=replace(settings.commands, gateway_key=key))
     return Gateway.build(profile, SystemClock(), settings, None)
 
 

@@ -25,7 +25,7 @@ from gateway.health import Counters, RateLimitedLog
 from gateway.insights.energy import PackMeter
 from gateway.insights.sessions import ChargeSession, Trip
 from gateway.insights.spread import SpreadSeries, finite
-from gateway.persist import load_json, save_json
+from gateway.insights.state_file import STATE_VERSION, StateFile
 from gateway.state import SignalState, StateStore, lookup
 
 TB = "Vehicle.Powertrain.TractionBattery"
@@ -56,7 +56,6 @@ TRIP_MIN_KM = 1.0
 TRIPS_KEEP = 20
 TRIPS_KEEP_KM = 300.0
 CONSUMPTION_KM = 100.0
-STATE_VERSION = 1
 THROUGHPUT_SAVE_S = 600.0
 """Throughput alone is written at most this often (each write is an fsync on flash). A power
 cut then loses at most ten minutes of it: on the reference car's drive cycle about 5 Ah,
@@ -81,7 +80,7 @@ class BatteryHealth:
         self._clock = clock
         self._counters = counters
         self._rlog = rlog
-        self._file = state_file
+        self._file = StateFile(state_file, "battery", counters, rlog, versioned=False)
         self._last = meter.totals
         self._ah_out = self._wh_out = self._initial_cycles = 0.0
         self._capacity: list[tuple[float, float]] = []
@@ -297,8 +296,6 @@ class BatteryHealth:
     def save(self, *, force: bool = False) -> None:
         """Write the state file if it changed since the last write; throughput alone waits
         ``THROUGHPUT_SAVE_S`` after the last write unless ``force``d (at stop)."""
-        if self._file is None:
-            return
         state, written = self._state(), self._written
         if state == written:
             return
@@ -306,13 +303,8 @@ class BatteryHealth:
         if written is not None and not force and now - self._written_at < THROUGHPUT_SAVE_S \
                 and all(state[k] == written[k] for k in state if k not in _THROUGHPUT):
             return
-        try:
-            save_json(self._file, state)
-        except OSError as exc:
-            self._counters.inc("insights.state_save_errors")
-            self._rlog.error("insights.battery_save", f"battery state {self._file}: {exc}")
-            return
-        self._written, self._written_at = state, now
+        if self._file.save(state):
+            self._written, self._written_at = state, now
 
     def _state(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "ah_out": self._ah_out, "wh_out": self._wh_out,
@@ -322,11 +314,12 @@ class BatteryHealth:
 
     def _load(self) -> bool:
         """Take the state file's figures; False when there is none (or it is unusable)."""
-        if self._file is None:
-            return False
+        data = self._file.load()
+        if data is None:
+            return False  # the first start (nothing counted yet), or a broken file
         try:
-            data = load_json(self._file)
-            if not isinstance(data, dict) or data.get("version", STATE_VERSION) != STATE_VERSION:
+            # Files written by hand (initial_cycles) may leave the version out.
+            if data.get("version", STATE_VERSION) != STATE_VERSION:
                 raise ValueError("not a version-1 battery state")
             ah_out, wh_out = finite(data.get("ah_out", 0.0)), finite(data.get("wh_out", 0.0))
             initial = finite(data.get("initial_cycles", 0.0))
@@ -335,12 +328,8 @@ class BatteryHealth:
             spread = SpreadSeries.from_json(data.get("spread", {}))
             if min(ah_out, wh_out, initial) < 0:
                 raise ValueError("negative throughput")
-        except FileNotFoundError:
-            return False  # the first start: nothing counted yet
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-            self._counters.inc("insights.state_file_errors")
-            self._rlog.warning("insights.battery_state",
-                               f"battery state {self._file} unreadable ({exc}); starting from zero")
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            self._file.broken(f"{exc}; counting starts from zero")
             return False
         self._ah_out, self._wh_out, self._initial_cycles = ah_out, wh_out, initial
         self._capacity = capacity[-CAPACITY_KEEP:]

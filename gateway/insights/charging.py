@@ -50,7 +50,6 @@ from gateway.health import Counters, RateLimitedLog
 from gateway.insights.energy import CURRENT, TB, PackMeter, Totals
 from gateway.insights.sessions import ChargeEnd, ChargeSession
 from gateway.insights.state_file import (
-    STATE_FILE_ERRORS,
     STATE_VERSION,
     StateFile,
     checked,
@@ -121,7 +120,6 @@ class ChargeRecorder:
         self._prev: tuple[float, Totals] | None = None
         self._watts = 0.0
         self._unreported = IS_CHARGING not in store and CABLE not in store
-        self._written: dict[str, Any] | None = None
         self._session = self._restore()
 
     def update(self, now: float) -> None:
@@ -167,14 +165,7 @@ class ChargeRecorder:
             "so_far": totals_json(s.so_far()), "soc_start": s.soc_start,
             "soc_end": s.soc_end, "max_power_w": s.max_power_w,
             "interruptions": s.interruptions}}
-        if state == self._written:
-            return
-        # StateFile counts a failed write rather than raising: a write that grew the count
-        # did not land, and must be tried again at the next save.
-        errors = self._counters.get(STATE_FILE_ERRORS)
-        self._file.save(state)
-        if self._counters.get(STATE_FILE_ERRORS) == errors:
-            self._written = state
+        self._file.save_if_changed(state)
 
     # ---- internals ---------------------------------------------------------------
 

@@ -28,13 +28,12 @@ from gateway.config.location import GeofenceSpec
 from gateway.gnss.fix import Fix
 from gateway.gnss.geo import LatLon, LocalFrame, distance_m
 from gateway.health import Counters, RateLimitedLog
-from gateway.persist import load_json, save_json
+from gateway.insights.state_file import StateFile
 
 EventSink = Callable[[str, Mapping[str, Any]], None]
 """Where durable events go: (kind, data)."""
 
 XY = tuple[float, float]
-STATE_FILE_ERRORS = "insights.state_file_errors"
 
 
 def fence_frame(spec: GeofenceSpec) -> LocalFrame:
@@ -125,13 +124,13 @@ class Geofences:
         self._counters = counters
         self._rlog = rlog
         self._max_hdop = max_hdop
-        self._state_file = state_file
+        self._file = StateFile(state_file, "geofence", counters, rlog, versioned=False)
         self._confirm = confirm
         self._last_received: float | None = None
         saved = self._load()
         self._fences = {s.name: _Fence(s, saved.get(s.name)) for s in specs}
-        # Fences dropped from the configuration are forgotten at the next save.
-        self._dirty = bool(saved.keys() - self._fences.keys())
+        # Fences dropped from the configuration are forgotten at the next save (the saved
+        # content then differs from what the file holds).
 
     def inside(self, name: str) -> bool | None:
         """True inside, False outside, None not yet known; KeyError for an unknown fence."""
@@ -157,22 +156,12 @@ class Geofences:
         for fence in self._fences.values():
             changed |= self._step(fence, fix, position)
         if changed:
-            self._dirty = True
             self.save()
 
     def save(self) -> None:
         """Write the known states to the state file, if there is one and they changed."""
-        if self._state_file is None or not self._dirty:
-            return
-        known = {n: f.inside for n, f in self._fences.items() if f.inside is not None}
-        try:
-            save_json(self._state_file, known)
-        except OSError as exc:
-            self._counters.inc(STATE_FILE_ERRORS)
-            self._rlog.error("geofence.state_file.save",
-                             f"cannot save geofence states to {self._state_file}: {exc}")
-            return
-        self._dirty = False
+        self._file.save_if_changed(
+            {n: f.inside for n, f in self._fences.items() if f.inside is not None})
 
     def _step(self, fence: _Fence, fix: Fix, position: LatLon) -> bool:
         """Advance one fence by one fix; True when its confirmed state changed."""
@@ -203,20 +192,10 @@ class Geofences:
         return True
 
     def _load(self) -> dict[str, bool]:
-        if self._state_file is None:
+        raw = self._file.load(absent={})
+        if raw is None:
             return {}
-        try:
-            raw = load_json(self._state_file)
-        except FileNotFoundError:
+        if not all(isinstance(v, bool) for v in raw.values()):
+            self._file.broken("expected an object of fence name -> true/false")
             return {}
-        except (OSError, ValueError) as exc:
-            return self._broken(str(exc))
-        if not isinstance(raw, dict) or not all(isinstance(v, bool) for v in raw.values()):
-            return self._broken("expected an object of fence name -> true/false")
         return raw
-
-    def _broken(self, why: str) -> dict[str, bool]:
-        self._counters.inc(STATE_FILE_ERRORS)
-        self._rlog.warning("geofence.state_file.load",
-                           f"ignoring geofence state file {self._state_file}: {why}")
-        return {}

@@ -32,7 +32,7 @@ from gateway.clock import Clock
 from gateway.gnss.fix import Fix
 from gateway.gnss.geo import LatLon, distance_m
 from gateway.health import Counters, RateLimitedLog
-from gateway.persist import load_json, save_json
+from gateway.insights.state_file import StateFile
 from gateway.state import StateStore
 
 IGNITION = "Vehicle.LowVoltageSystemState"
@@ -40,7 +40,6 @@ READY = "Vehicle.Powertrain.IsReady"
 ODOMETER = "Vehicle.TraveledDistance"
 LATITUDE = "Vehicle.CurrentLocation.Latitude"
 ALERT_KEY = "location.moved_while_parked"
-STATE_FILE_ERRORS = "insights.state_file_errors"
 REANCHORED = "insights.parked_reanchored"
 DRIVEN_KM = 0.1
 """Odometer advance (one step of its resolution) that shows the car was driven."""
@@ -65,10 +64,11 @@ class MovedWhileParked:
         self._clock = clock
         self._threshold = threshold_m
         self._max_hdop = max_hdop
-        self._state_file = state_file
         self._confirm = confirm
         self._counters = counters
         self._rlog = rlog or RateLimitedLog(_log, clock)
+        self._file = StateFile(state_file, "parked", counters or Counters(), self._rlog,
+                               versioned=False)
         self._signal = LATITUDE if LATITUDE in store else None
         self._parked = False
         self._anchor: LatLon | None = None
@@ -77,7 +77,6 @@ class MovedWhileParked:
         self._run = 0
         self._alerted = False
         self._last_received: float | None = None
-        self._dirty = False
         self._load()
 
     @property
@@ -100,7 +99,6 @@ class MovedWhileParked:
             return
         if ignition in _PARKING and not self._parked:
             self._parked, self._anchor, self._odometer, self._run = True, None, None, 0
-            self._dirty = True
         if self._parked:
             self._check_odometer(now)
         self.save()
@@ -117,7 +115,6 @@ class MovedWhileParked:
         self._check_odometer(self._clock.time())
         if self._anchor is None:
             self._anchor = position
-            self._dirty = True
         self.save()
         moved = distance_m(self._anchor, position)
         if moved <= self._threshold + (fix.accuracy_m or 0.0):
@@ -133,25 +130,17 @@ class MovedWhileParked:
                 source_ts=fix.received)
 
     def save(self) -> None:
-        """Write parked state and anchor to the state file if they changed since the last save."""
-        if self._state_file is None or not self._dirty:
-            return
+        """Write parked state and anchor to the state file if they changed."""
+        self._file.save_if_changed(self._state())
+
+    def _state(self) -> dict[str, Any]:
         anchor = None if self._anchor is None else list(self._anchor)
-        try:
-            save_json(self._state_file, {"parked": self._parked, "anchor": anchor,
-                                         "odometer": self._odometer})
-        except OSError as exc:
-            self._count()
-            self._rlog.error("parked.state_file.save",
-                             f"cannot save parked state to {self._state_file}: {exc}")
-            return
-        self._dirty = False
+        return {"parked": self._parked, "anchor": anchor, "odometer": self._odometer}
 
     def _unpark(self, evidence: str) -> None:
         self._parked, self._anchor, self._run, self._alerted = False, None, 0, False
         self._odometer, self._restored = None, False
         self._alerts.clear(ALERT_KEY, source_ts=self._store.slot(evidence).timestamp)
-        self._dirty = True
         self.save()
 
     def _check_odometer(self, now: float) -> None:
@@ -167,48 +156,29 @@ class MovedWhileParked:
                 self._reanchor()
         if km != self._odometer:
             self._odometer = km
-            self._dirty = True
 
     def _reanchor(self) -> None:
         """Forget an anchor from before a restart: the car was driven since it was taken."""
         if self._anchor is not None and self._counters is not None:
             self._counters.inc(REANCHORED)
         self._anchor, self._run = None, 0
-        self._dirty = True
         if self._alerted:  # raised on the stale anchor before the odometer was known
             self._alerted = False
             self._alerts.clear(ALERT_KEY, source_ts=self._store.slot(ODOMETER).timestamp)
 
     def _load(self) -> None:
-        if self._state_file is None:
+        raw = self._file.load(absent=self._state())
+        if raw is None:
             return
-        try:
-            raw = load_json(self._state_file)
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            self._broken(str(exc))
-            return
-        if not isinstance(raw, dict):
-            raw = {}
         parked, anchor, odometer = raw.get("parked"), raw.get("anchor"), raw.get("odometer")
         if (not isinstance(parked, bool) or (anchor is not None and _anchor(anchor) is None)
                 or (odometer is not None and not _km(odometer))):
-            self._broken('expected {"parked": true/false, "anchor": [lat, lon] or null, '
-                         '"odometer": km or null}')
+            self._file.broken('expected {"parked": true/false, "anchor": [lat, lon] or null, '
+                              '"odometer": km or null}')
             return
         if parked:
             self._parked, self._anchor, self._restored = True, _anchor(anchor), True
             self._odometer = None if odometer is None else float(odometer)
-
-    def _broken(self, why: str) -> None:
-        self._count()
-        self._rlog.warning("parked.state_file.load",
-                           f"ignoring parked state file {self._state_file}: {why}")
-
-    def _count(self) -> None:
-        if self._counters is not None:
-            self._counters.inc(STATE_FILE_ERRORS)
 
 
 def _km(value: Any) -> bool:

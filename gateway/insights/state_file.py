@@ -77,35 +77,44 @@ class StateFile:
     """One small JSON state file; a broken one is counted, logged once and ignored."""
 
     def __init__(self, path: Path | None, name: str, counters: Counters,
-                 rlog: RateLimitedLog) -> None:
+                 rlog: RateLimitedLog, *, versioned: bool = True) -> None:
         self.path = path
         self._name = name
+        self._versioned = versioned
+        """Whether :meth:`load` insists on ``"version": STATE_VERSION`` (files whose
+        format predates the field check their content themselves)."""
         self._counters = counters
         self._rlog = rlog
         self._written: str | None = None
         """The JSON text the file is known to hold (last loaded or written), None if unknown."""
 
-    def load(self) -> dict[str, Any] | None:
-        """The stored object of the current version, or None (absent or broken)."""
+    def load(self, absent: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The stored object (of the current version, if versioned), or None when absent or
+        broken; a caller that finds the content unusable reports it with :meth:`broken`.
+        ``absent`` is the state a missing file stands for: saving it writes nothing."""
         if self.path is None:
             return None
         try:
             data = load_json(self.path)
         except FileNotFoundError:
+            self._written = None if absent is None else json.dumps(absent)
             return None
         except (OSError, ValueError) as exc:
             self.broken(str(exc))
             return None
-        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        if not isinstance(data, dict):
+            self.broken("expected a JSON object")
+            return None
+        if self._versioned and data.get("version") != STATE_VERSION:
             self.broken(f"expected an object with version {STATE_VERSION}")
             return None
         self._written = json.dumps(data)
         return data
 
-    def save(self, value: dict[str, Any]) -> None:
-        """Write ``value`` atomically; a failure is counted and logged."""
+    def save(self, value: dict[str, Any]) -> bool:
+        """Write ``value`` atomically; a failure is counted and logged. True when written."""
         if self.path is None:
-            return
+            return False
         try:
             save_json(self.path, value)
         except OSError as exc:
@@ -113,8 +122,9 @@ class StateFile:
             self._counters.inc(STATE_FILE_ERRORS)
             self._rlog.error(f"{self._name}.state_file.save",
                              f"cannot save the {self._name} state to {self.path}: {exc}")
-        else:
-            self._written = json.dumps(value)
+            return False
+        self._written = json.dumps(value)
+        return True
 
     def save_if_changed(self, value: dict[str, Any]) -> bool:
         """:meth:`save` unless the file already holds ``value`` (as last loaded or written
