@@ -388,7 +388,7 @@ def test_commented_keys_in_the_example_are_valid_and_documented(tmp_path):
     assert s.commands.keys == tmp_path / "keys.toml"
     assert s.location.gnss.enabled and len(s.location.geofences) == 2
     assert s.location.insights.energy_price_per_kwh is not None
-    assert len(keys) == 62, "every key the loader accepts is in the example"
+    assert len(keys) == 63, "every key the loader accepts is in the example"
 
 
 @pytest.mark.parametrize(("extra", "enabled"), [

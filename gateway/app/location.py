@@ -1,11 +1,12 @@
 """Position and insights: the GNSS reader, and what the gateway learns from the state.
 
 ``Location`` owns the serial receiver and the location slots of the state
-store; every fix also goes to its listeners (geofences, the moved-while-parked
-alert, trip distance, the MQTT location topic). ``Insights`` integrates the
-pack meter after each decoded batch and runs the trip, charging and battery
-estimators once a second; what they produce goes out as durable events and
-retained summaries, and into the local SQLite log.
+store; every fix also goes to its listeners (the receiver-lost watch,
+geofences, the moved-while-parked alert, trip distance, the MQTT location
+topic). ``Insights`` integrates the pack meter after each decoded batch and
+runs the trip, charging and battery estimators once a second; what they
+produce goes out as durable events and retained summaries, and into the local
+SQLite log.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gateway.gnss.fix import Fix
 from gateway.gnss.policy import PublishPolicy
 from gateway.gnss.reader import GnssReader
 from gateway.gnss.slots import LocationSlots
+from gateway.gnss.watch import ReceiverWatch
 from gateway.health import Counters, RateLimitedLog
 from gateway.insights.battery import BatteryHealth
 from gateway.insights.charging import ChargeRecorder
@@ -47,7 +49,8 @@ a power cut loses at most this much of them."""
 
 @dataclass
 class Location:
-    """The GNSS receiver, its slots in the state store and the fix listeners."""
+    """The GNSS receiver, its slots in the state store, the fix listeners and the watch
+    that raises ``gnss.receiver_lost`` when epochs stop coming."""
 
     settings: GnssSettings
     slots: LocationSlots
@@ -55,6 +58,7 @@ class Location:
     rlog: RateLimitedLog
     reader: GnssReader | None = None
     publisher: LocationPublisher | None = None
+    watch: ReceiverWatch | None = None
     listeners: list[Callable[[Fix], None]] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -63,8 +67,11 @@ class Location:
         """Register the location slots (before the safety and MQTT stages read the store)."""
         slots = LocationSlots.register(pipeline.store, settings.stale_after)
         loc = cls(settings, slots, pipeline.counters, pipeline.rlog)
-        loc.reader = GnssReader(settings, pipeline.clock, pipeline.counters, pipeline.rlog,
-                                loc.dispatch)
+        reader = loc.reader = GnssReader(settings, pipeline.clock, pipeline.counters,
+                                         pipeline.rlog, loc.dispatch)
+        loc.watch = ReceiverWatch(pipeline.alerts, settings.device, settings.lost_alert_s,
+                                  pipeline.clock, connected=lambda: reader.connected)
+        loc.listeners.append(loc.watch.on_fix)
         return loc
 
     def dispatch(self, fix: Fix) -> None:
@@ -89,14 +96,16 @@ class Location:
         return publisher
 
     def start(self) -> None:
-        """Open the receiver (reconnecting on its own) and start publishing."""
+        """Open the receiver (reconnecting on its own), watch it, and start publishing."""
         if self.reader is not None:
             self.tasks.append(asyncio.create_task(self.reader.run(), name="gnss"))
+        if self.watch is not None:
+            self.tasks.append(asyncio.create_task(self.watch.run(), name="gnss-watch"))
         if self.publisher is not None:
             self.tasks.append(asyncio.create_task(self.publisher.run(), name="location"))
 
     async def stop(self) -> None:
-        """Close the receiver."""
+        """Close the receiver and stop watching it."""
         await cancel_all(self.tasks)
         self.tasks.clear()
 

@@ -34,6 +34,9 @@ class GnssSettings:
     max_interval_s: float = 30.0
     parked_interval_s: float = 300.0
     heading_change_deg: float = 20.0
+    lost_alert_s: float = 30.0
+    """Seconds without any parsed epoch (with or without a fix) before the
+    ``gnss.receiver_lost`` alert is raised."""
 
     @property
     def stale_after(self) -> float:
@@ -83,7 +86,7 @@ def parse_gnss(t: Table, present: bool = False) -> GnssSettings:
     ``enabled = false``."""
     t.check_keys(["enabled", "device", "baud", "rate_hz", "max_hdop", "min_distance_m",
                   "min_interval_s", "max_interval_s", "parked_interval_s",
-                  "heading_change_deg"])
+                  "heading_change_deg", "lost_alert_s"])
     default = GnssSettings()
     device = t.opt_str("device", default.device) or ""
     if not device.strip():
@@ -109,6 +112,7 @@ def parse_gnss(t: Table, present: bool = False) -> GnssSettings:
                                   86400.0),
         heading_change_deg=_number(t, "heading_change_deg", default.heading_change_deg, 1.0,
                                    180.0),
+        lost_alert_s=_lost_alert(t, default.lost_alert_s),
     )
 
 
@@ -165,6 +169,14 @@ def _number(t: Table, key: str, default: float | None, low: float, high: float) 
     value = t.opt_float(key, default)
     if value is None or not math.isfinite(value) or not low <= value <= high:
         t.fail(key, f"expected a number from {low:g} to {high:g}, got {value}")
+    return value
+
+
+def _lost_alert(t: Table, default: float) -> float:
+    # Zero would raise the alert between any two epochs, so the range is open at 0.
+    value = t.opt_float("lost_alert_s", default)
+    if value is None or not math.isfinite(value) or not 0.0 < value <= 3600.0:
+        t.fail("lost_alert_s", f"expected a number above 0 and at most 3600, got {value}")
     return value
 
 
