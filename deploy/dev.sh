@@ -3,7 +3,9 @@
 # machine that has only python3, run as root or by a user with sudo.
 #
 #   bash deploy/dev.sh demo    simulated vehicle + gateway + live view (Ctrl-C to stop)
-#   bash deploy/dev.sh test    lint, type-check and run the whole test suite
+#   bash deploy/dev.sh test    lint, type-check, the whole test suite, then the HIL suite
+#   bash deploy/dev.sh hil     the HIL suite alone (real SocketCAN vcan0; User-Mode
+#                              Linux where the kernel has no CAN); args go to it
 #   bash deploy/dev.sh bench   run the benchmarks under bench/
 #
 # Everything Python goes into .venv/ beside this repository's pyproject.toml,
@@ -47,7 +49,7 @@ ensure_venv() {
   local stamp="$venv/.installed"
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ deploy/constraints.txt -nt "$stamp" ]; then
     "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-      -c deploy/constraints.txt -e ".[test]"
+      -c deploy/constraints.txt -e ".[test,hil]"
     touch "$stamp"
   fi
 }
@@ -60,6 +62,20 @@ ensure_mosquitto() {
     echo "dev.sh: mosquitto is missing: install it with 'apt-get install mosquitto'" >&2
     return 1
   }
+}
+
+ensure_hil() {
+  # The HIL suite needs a real SocketCAN vcan0 and can-utils. Where the kernel has no
+  # CAN (these development and CI machines), it boots User-Mode Linux, a real kernel
+  # with vcan that runs as an ordinary process (hil/uml.py).
+  apt_ensure can-utils
+  [ -e /sys/class/net/vcan0 ] && return 0
+  if modinfo vcan >/dev/null 2>&1; then
+    # A kernel with SocketCAN (a Pi, a laptop): use a real vcan0 right here.
+    as_root modprobe vcan && as_root ip link add dev vcan0 type vcan &&
+      as_root ip link set vcan0 up && return 0
+  fi
+  apt_ensure user-mode-linux kmod iproute2
 }
 
 cmd="${1:-}"
@@ -79,9 +95,22 @@ case "$cmd" in
     shellcheck deploy/*.sh deploy/broker/*.sh
     "$venv/bin/ruff" check gateway hil tests bench
     "$venv/bin/mypy"
+    ensure_hil
     # The safety package must stay fully branch-covered (see [tool.coverage] in pyproject.toml).
-    exec "$venv/bin/python" -m pytest --cov --cov-report=term-missing:skip-covered \
-        --cov-fail-under=100 "$@"
+    status=0
+    "$venv/bin/python" -m pytest --cov --cov-report=term-missing:skip-covered \
+        --cov-fail-under=100 "$@" || status=$?
+    if [ $# -eq 0 ]; then
+      # The HIL suite: every scenario end to end on real vcan, and the can-utils checks.
+      "$venv/bin/python" -m hil suite || status=$?
+    fi
+    exit "$status"
+    ;;
+  hil)
+    ensure_mosquitto
+    ensure_hil
+    ensure_venv
+    exec "$venv/bin/python" -m hil suite "$@"
     ;;
   bench)
     ensure_mosquitto
@@ -89,7 +118,7 @@ case "$cmd" in
     for b in bench/bench_*.py; do "$venv/bin/python" "$b" "$@"; done
     ;;
   *)
-    sed -n '2,12p' "$0" >&2
+    sed -n '2,14p' "$0" >&2
     exit 2
     ;;
 esac

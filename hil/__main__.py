@@ -1,7 +1,13 @@
-"""``python -m hil``: the simulated vehicle, and the all-in-one demo.
+"""``python -m hil``: the simulated vehicle, the HIL scenarios, and the all-in-one demo.
 
 - ``python -m hil sim --bus virtual:NAME|udp_multicast:GROUP|socketcan:vcan0``
-  runs the reference vehicle on a bus until Ctrl-C.
+  runs the reference vehicle on a bus until Ctrl-C; ``--scenario FILE`` plays a
+  scenario's timeline on it (for a gateway you run yourself).
+- ``python -m hil run [FILE|DIR ...] --bus socketcan:vcan0`` runs scenarios against the
+  real daemon and a private mosquitto on the given bus, and checks what comes out.
+- ``python -m hil suite`` is the HIL suite: the can-utils checks and every scenario on
+  a real SocketCAN vcan0, inside User-Mode Linux where the kernel has no CAN.
+- ``python -m hil uml -- CMD ...`` runs any command inside User-Mode Linux with vcan0.
 - ``python -m hil demo`` runs the vehicle, the gateway and a private mosquitto
   in one process: vehicle -> python-can virtual bus -> gateway -> broker ->
   a live view that reads only MQTT, as a fleet operator would. The car's GNSS
@@ -22,6 +28,7 @@ import tty
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from gateway.app import Gateway, run_until, stop_event
 from gateway.cli.watch import watch
@@ -31,6 +38,9 @@ from gateway.config import ConfigError, load_profile
 from gateway.config.location import GeofenceSpec, GnssSettings, InsightSettings, LocationSettings
 from gateway.config.settings import default_settings, with_overrides
 from hil.broker import INSTALL_HINT, Mosquitto, find_mosquitto
+from hil.scenario.live import play_scenario
+from hil.scenario.spec import load_scenario
+from hil.scenario.suite import run_files, run_suite, scenario_files
 from hil.sim import VehicleEcus, VehicleModel
 from hil.sim.gnss import NmeaSimulator, run_receiver
 from hil.sim.runner import close_quietly, open_sim_bus, run_vehicle
@@ -41,6 +51,9 @@ REFERENCE_PROFILE = Path(__file__).resolve().parents[1] / "dbc" / "profiles" / "
 
 async def _sim(args: argparse.Namespace) -> int:
     interface, _, channel = args.bus.partition(":")
+    if args.scenario:
+        return await play_scenario(load_scenario(Path(args.scenario)), interface, channel,
+                                   args.duration)
     bus = open_sim_bus(interface, channel)
     stop = stop_event(args.duration)
     ecus = VehicleEcus(VehicleModel(mode=args.mode, soc=args.soc))
@@ -139,6 +152,36 @@ def _demo_keys(workdir: Path) -> Path:
     return keys
 
 
+def _scenario_commands(sub: Any) -> None:
+    run = sub.add_parser("run", help="run scenarios on the given bus and check the MQTT output")
+    run.add_argument("files", nargs="*", metavar="FILE|DIR",
+                     help="scenario files or directories (default: hil/scenarios)")
+    run.add_argument("--bus", required=True, help="INTERFACE:CHANNEL, e.g. socketcan:vcan0")
+    run.add_argument("--gateway-bus", help="where the gateway listens, if not --bus "
+                                          "(e.g. socketcan:can0 wired to the car's can1)")
+    run.add_argument("--workdir", type=Path, help="keep settings and gateway logs here")
+    suite = sub.add_parser("suite", help="the HIL suite on real SocketCAN vcan0 "
+                                         "(User-Mode Linux when the kernel has no CAN)")
+    suite.add_argument("files", nargs="*", metavar="FILE|DIR")
+    suite.add_argument("--rig", choices=["auto", "host", "uml"], default="auto",
+                       help="host: this kernel's vcan0; uml: User-Mode Linux; auto: host "
+                            "when vcan0 exists here")
+    suite.add_argument("--no-tools", action="store_true", help="skip the can-utils checks")
+    uml = sub.add_parser("uml", help="run a command inside User-Mode Linux with vcan0")
+    uml.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+
+
+def _run_scenarios(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return run_files(scenario_files(args.files), args.bus, args.gateway_bus,
+                         workdir=args.workdir)
+    if args.command == "suite":
+        return run_suite(scenario_files(args.files), args.rig, with_tools=not args.no_tools)
+    from hil.uml import main_uml
+
+    return main_uml(args.argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(prog="python -m hil")
@@ -152,13 +195,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "sim":
             p.add_argument("--bus", default="virtual:ev-gateway-demo",
                            help="INTERFACE:CHANNEL, e.g. socketcan:vcan0")
+            p.add_argument("--scenario", metavar="FILE",
+                           help="play this scenario's car and timeline (its commands and "
+                                "checks are skipped: they need the rig)")
         else:
             p.add_argument("--profile", default=str(REFERENCE_PROFILE))
             p.add_argument("--speed-cap", metavar="PROFILE",
                            help="ask the motor controller for this cap, e.g. valet or eu_l6e")
+    _scenario_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("can").setLevel(logging.WARNING)  # "Created a socket" per bus opened
+    if args.command in ("run", "suite", "uml"):
+        return _run_scenarios(args)
     try:
         return asyncio.run(_sim(args) if args.command == "sim" else _demo(args))
     except ConfigError as exc:

@@ -110,6 +110,11 @@ class VehicleModel:
     cycle traces a loop instead of a straight line off the map."""
     gnss_fix: bool = True
     """False while the receiver has no fix (a tunnel, an unplugged antenna)."""
+    # Injected faults of the pack itself, so every frame that carries the reading shows it
+    # (the per-cell frames, the BMS's min/max, the pack voltage): volts added to a cell
+    # (1-based number), and heating beyond the model's own, in kelvin per second.
+    cell_fault_v: dict[int, float] = field(default_factory=dict)
+    heat_c_per_s: float = 0.0
     # Ground truth for checking what the gateway computes from the CAN frames:
     # battery-side energy and charge, split by direction (Wh and Ah; "out" = discharge).
     energy_out_wh: float = 0.0
@@ -136,8 +141,9 @@ class VehicleModel:
     def cell_voltages(self) -> list[float]:
         """Terminal voltage of each cell (V), including IR drop under load."""
         return [
-            lfp_ocv(self.soc + off) - self.pack_current * r
-            for off, r in zip(self.cell_soc_offset, self.cell_r, strict=True)
+            lfp_ocv(self.soc + off) - self.pack_current * r + self.cell_fault_v.get(n, 0.0)
+            for n, (off, r) in enumerate(zip(self.cell_soc_offset, self.cell_r, strict=True),
+                                         start=1)
         ]
 
     def pack_voltage(self) -> float:
@@ -255,7 +261,8 @@ class VehicleModel:
 
     def _thermal(self, dt: float) -> None:
         heat_w = self.pack_current ** 2 * CELL_R_OHM * CELLS
-        self.pack_temp_c += (heat_w / 60_000.0 - (self.pack_temp_c - self.ambient_c) / 3600.0) * dt
+        self.pack_temp_c += (heat_w / 60_000.0 + self.heat_c_per_s
+                             - (self.pack_temp_c - self.ambient_c) / 3600.0) * dt
         load = abs(self.motor_torque) / 90.0
         self.motor_temp_c += (load * 0.08 - (self.motor_temp_c - self.ambient_c) / 900.0) * dt
         self.inverter_temp_c += (load * 0.05 - (self.inverter_temp_c - self.ambient_c) / 600.0) * dt

@@ -37,13 +37,16 @@ async def run_vehicle(
         while sim_t < target:
             model.step(step)
             sim_t += step
-        for frame in ecus.due_frames(sim_t):
-            frame.timestamp = clock.time()
-            try:
-                bus.send(frame)
-                sent += 1
-            except can.CanError as exc:  # a full TX queue on vcan: drop, as an ECU would
-                log.debug("send failed: %s", exc)
+            # Per step, so that after a stall (a loaded machine) the catch-up burst goes out
+            # in the order the ECUs would have sent it: one message's backlog first, then the
+            # next, would look to the gateway like a node that fell silent.
+            for frame in ecus.due_frames(sim_t):
+                frame.timestamp = clock.time()
+                try:
+                    bus.send(frame)
+                    sent += 1
+                except can.CanError as exc:  # a full TX queue on vcan: drop, as an ECU would
+                    log.debug("send failed: %s", exc)
         inbound = []
         while (msg := bus.recv(timeout=0)) is not None:
             inbound.append(msg)

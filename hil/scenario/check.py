@@ -1,0 +1,177 @@
+"""Checking what came out over MQTT against a scenario's expectations.
+
+The rig records every message under the vehicle's topics with its scenario time;
+:func:`evaluate` decides pass or fail and writes the report: each expectation with
+when it was met, and for each one that failed, what was expected and what came out
+on that topic instead.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from hil.scenario.spec import Expectation, Scenario, lookup, topic_matches
+
+SHOWN = 8
+"""At most this many messages are quoted under a failed expectation."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One message the gateway published."""
+
+    t: float
+    """Scenario seconds; negative while the gateway was starting, before the timeline."""
+    topic: str
+    """The topic below ``evgw/v1/{vehicle}/``."""
+    payload: dict[str, Any]
+
+
+@dataclass
+class Verdict:
+    """The outcome of one scenario run."""
+
+    scenario: Scenario
+    passed: bool
+    ran_s: float
+    lines: list[str] = field(default_factory=list)
+
+    def report(self) -> str:
+        """The report: a PASS/FAIL headline, then one line per finding."""
+        head = "PASS" if self.passed else "FAIL"
+        return "\n".join([f"{head} {self.scenario.name} ({self.scenario.file}) after "
+                          f"{self.ran_s:.1f} s", *self.lines])
+
+
+def first_match(expectation: Expectation, records: list[Record]) -> Record | None:
+    """The earliest record that meets ``expectation`` inside its time window."""
+    for r in records:
+        if expectation.in_window(r.t) and expectation.matches(r.topic, r.payload):
+            return r
+    return None
+
+
+def all_met_at(scenario: Scenario, records: list[Record]) -> float | None:
+    """When the last expectation was met; None while any is unmet."""
+    times = [first_match(e, records) for e in scenario.expect]
+    if any(r is None for r in times):
+        return None
+    return max(r.t for r in times if r is not None)
+
+
+def evaluate(scenario: Scenario, records: list[Record], ran_s: float,
+             problems: list[str]) -> Verdict:
+    """Judge a run. ``problems`` are failures found by the rig itself (a gateway that
+    crashed or logged a traceback, a broker that went away)."""
+    verdict = Verdict(scenario, True, ran_s)
+    out = verdict.lines
+    for text in problems:
+        verdict.passed = False
+        out.append(f"  PROBLEM    {text}")
+    for e in scenario.expect:
+        hit = first_match(e, records)
+        if hit is not None:
+            out.append(f"  ok         {e.text}: at {hit.t:.1f} s")
+            continue
+        verdict.passed = False
+        out.append(f"  MISSING    {e.text}{_window(e)}{_line(e)}")
+        out.extend(_what_came_out(e, records))
+    for f in scenario.forbid:
+        hits = [r for r in records if f.in_window(r.t) and f.matches(r.topic, r.payload)]
+        if hits:
+            verdict.passed = False
+            out.append(f"  FORBIDDEN  {f.text}{_window(f)}{_line(f)} came out "
+                       f"{len(hits)} time(s):")
+            out.extend(f"             {summary(r, _detail_paths(f))}" for r in hits[:SHOWN])
+    for r in unexpected_alerts(scenario, records):
+        verdict.passed = False
+        out.append(f"  UNEXPECTED {summary(r)} (not expected by the scenario, nor in "
+                   "allow_alerts)")
+    return verdict
+
+
+def unexpected_alerts(scenario: Scenario, records: list[Record]) -> list[Record]:
+    """Raised alerts that no expectation and no ``allow_alerts`` pattern accounts for: a
+    fault must show up as what the scenario says, and as nothing else."""
+    patterns = [*scenario.allow_alerts]
+    for e in (*scenario.expect, *scenario.forbid):
+        patterns += [str(c.value) for c in e.where if c.path == "alert.key" and c.op == "=="]
+    out = []
+    for r in records:
+        if r.topic != "alerts" or r.payload.get("transition") != "raised":
+            continue
+        key = str(r.payload.get("alert", {}).get("key", ""))
+        if not any(fnmatch.fnmatchcase(key, p) for p in patterns):
+            out.append(r)
+    return out
+
+
+def _window(e: Expectation) -> str:
+    if e.not_before is None and e.by is None:
+        return ""
+    if e.not_before is None:
+        return f", by {e.by:g} s"
+    if e.by is None:
+        return f", not before {e.not_before:g} s"
+    return f", between {e.not_before:g} and {e.by:g} s"
+
+
+def _line(e: Expectation) -> str:
+    return f" (line {e.line})" if e.line else ""
+
+
+def _what_came_out(e: Expectation, records: list[Record]) -> list[str]:
+    on_topic = [r for r in records if topic_matches(e.topic, r.topic)]
+    # Narrow to the same alert key, event type or command when there are such messages:
+    # "the alert came, but late / at the wrong severity" is the useful answer.
+    subject = [c for c in e.where[:e.subject] if c.path != "transition"]
+    same = [r for r in on_topic if all(c.holds(r.payload) for c in subject)] \
+        if subject else []
+    shown = same or on_topic
+    if not shown:
+        return [f"             got: nothing on '{e.topic}'"]
+    what = "got (same subject)" if same else f"got (on '{e.topic}')"
+    lines = [f"             {what}, {len(shown)} message(s):"]
+    lines += [f"               {summary(r, _detail_paths(e))}" for r in shown[:SHOWN]]
+    if len(shown) > SHOWN:
+        lines.append(f"               ... and {len(shown) - SHOWN} more")
+    return lines
+
+
+def _detail_paths(e: Expectation) -> list[str]:
+    """The fields a topic expectation looks at: quoting them beats a truncated payload.
+    Alerts, events and command results have their own one-line form."""
+    return [] if e.topic in _NAMED else [c.path for c in e.where[e.subject:]]
+
+
+def summary(r: Record, paths: list[str] | None = None) -> str:
+    """One line for a recorded message; with ``paths``, only the values found there."""
+    p = r.payload
+    if paths:
+        found = [(path, lookup(p, path)) for path in paths]
+        body = f"{r.topic} " + ", ".join(
+            f"{path} = {json.dumps(value) if ok else '(absent)'}" for path, (ok, value) in found)
+    elif r.topic == "alerts":
+        a = p.get("alert", {})
+        body = (f"alert {a.get('key')} {p.get('transition')} {a.get('severity')}: "
+                f"{a.get('message', '')}")
+    elif r.topic == "events":
+        body = f"event {p.get('type')} {_short(p.get('data'))}"
+    elif r.topic.startswith("cmd/res/"):
+        reason = f" ({p.get('reason')})" if p.get("reason") else ""
+        body = f"command {p.get('cmd')} {p.get('status')}{reason}"
+    else:
+        body = f"{r.topic} {_short({k: v for k, v in p.items() if k not in _ENVELOPE})}"
+    return f"{r.t:7.1f} s  {body}"
+
+
+_ENVELOPE = ("v", "vehicle", "boot", "seq", "ts")
+_NAMED = ("alerts", "events", "cmd/res/+")
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,270 @@
+"""One scenario end to end: simulated car -> CAN -> the real daemon -> mosquitto -> checks.
+
+The gateway runs as its own process (``python -m gateway.cli run --config ...``),
+exactly as systemd starts it, with settings the rig writes: the scenario's vehicle id,
+its CAN bus, the broker, an authorized key for the rig's commands, and the simulated
+receiver's pseudo-terminal. The rig listens to everything under the vehicle's topics,
+like a fleet operator, and sends signed commands, like an app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tty
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import tomli_w
+
+from gateway.cli.command import build_command
+from gateway.clock import Clock, SystemClock
+from gateway.commands import envelope as env
+from gateway.commands.keys import generate_private_key, key_entry
+from gateway.config import load_profile
+from gateway.mqtt.topics import PREFIX, Topics
+from hil.scenario.check import Record, Verdict, all_met_at, evaluate
+from hil.scenario.live import LiveVehicle
+from hil.scenario.spec import Scenario, Step
+from hil.sim.model import VehicleModel
+from hil.sim.runner import close_quietly, open_sim_bus
+
+REFERENCE_PROFILE = Path(__file__).resolve().parents[2] / "dbc" / "profiles" / "microev-ref.toml"
+SETTLE_S = 5.0
+"""Once every expectation is met and the timeline is over, run this much longer so a
+forbidden or unexpected message that follows has the chance to show up."""
+POLL_S = 0.25
+LOG_TAIL = 15
+COMMAND_TTL_S = 30.0
+
+
+@dataclass(frozen=True)
+class RigOptions:
+    """Where the car and the gateway meet, and where the rig keeps its files."""
+
+    sim_bus: str
+    """INTERFACE:CHANNEL the simulated car sends on, e.g. ``socketcan:vcan0``."""
+    gateway_bus: str
+    """INTERFACE:CHANNEL the gateway listens on (the same bus; differs with two CAN ports)."""
+    workdir: Path
+    broker: tuple[str, int]
+    profile: Path = REFERENCE_PROFILE
+    ready_timeout_s: float = 90.0
+    """A cold start inside User-Mode Linux takes several seconds."""
+
+
+@dataclass
+class _Run:
+    scenario: Scenario
+    clock: Clock
+    records: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
+    t0: float | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def scenario_records(self) -> list[Record]:
+        base = self.t0 if self.t0 is not None else self.clock.monotonic()
+        return [Record(mono - base, topic, payload) for mono, topic, payload in self.records]
+
+    def now(self) -> float:
+        now = self.clock.monotonic()
+        return now - (self.t0 if self.t0 is not None else now)
+
+
+async def run_scenario(scenario: Scenario, options: RigOptions,
+                       clock: Clock | None = None) -> Verdict:
+    """Run ``scenario`` against a fresh gateway process and judge what came out."""
+    clock = clock or SystemClock()
+    workdir = options.workdir / scenario.name
+    workdir.mkdir(parents=True, exist_ok=True)
+    interface, _, channel = options.sim_bus.partition(":")
+    with contextlib.ExitStack() as stack:
+        gnss_master = gnss_device = None
+        if scenario.gnss:
+            gnss_master, gnss_slave = os.openpty()
+            stack.callback(os.close, gnss_master)
+            stack.callback(os.close, gnss_slave)
+            tty.setraw(gnss_slave)  # no echo back into the simulated receiver
+            gnss_device = os.ttyname(gnss_slave)
+        bus = open_sim_bus(interface, channel)
+        stack.callback(close_quietly, bus)
+        car = LiveVehicle(bus, VehicleModel(mode=scenario.mode, soc=scenario.soc,
+                                            ambient_c=scenario.ambient_c), clock, gnss_master)
+        car.check(scenario)
+        key = generate_private_key(workdir / "rig.key")
+        settings = write_settings(scenario, options, workdir,
+                                  key_entry("hil rig", "service", key.public_key()), gnss_device)
+        return await _run(_Run(scenario, clock), options, car, settings, key)
+
+
+async def _run(run: _Run, options: RigOptions, car: LiveVehicle, settings: Path,
+               key: Any) -> Verdict:
+    scenario, clock = run.scenario, run.clock
+    stop = asyncio.Event()
+    vehicle = asyncio.create_task(car.run(stop), name="hil-car")
+    gateway: subprocess.Popen[bytes] | None = None
+    log_path = settings.parent / "gateway.log"
+    try:
+        async with aiomqtt.Client(*options.broker, identifier=f"hil-rig-{scenario.name}",
+                                  protocol=aiomqtt.ProtocolVersion.V5) as client:
+            await client.subscribe(f"{PREFIX}/{scenario.vehicle_id}/#", qos=1)
+            listener = asyncio.create_task(_listen(client, run), name="hil-listen")
+            with log_path.open("wb") as log_file:
+                gateway = subprocess.Popen(
+                    [sys.executable, "-m", "gateway.cli", "run", "--config", str(settings)],
+                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            try:
+                if await _ready(run, gateway, options.ready_timeout_s):
+                    run.t0 = clock.monotonic()
+                    await _timeline(run, car, gateway, client, key)
+            finally:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+    except aiomqtt.MqttError as exc:
+        run.problems.append(f"broker {options.broker[0]}:{options.broker[1]}: {exc}")
+    finally:
+        ran = run.now()
+        if gateway is not None:
+            _stop_gateway(gateway, run)
+        stop.set()
+        await vehicle
+    run.problems += _log_problems(log_path, tail=bool(run.problems))
+    return evaluate(scenario, run.scenario_records(), ran, run.problems)
+
+
+def write_settings(scenario: Scenario, options: RigOptions, workdir: Path, key_toml: str,
+                   gnss_device: str | None) -> Path:
+    """The gateway's settings file for this run; the scenario's ``[settings]`` win."""
+    keys = workdir / "keys.toml"
+    keys.write_text(key_toml)
+    bus_name = load_profile(options.profile).buses[0].name
+    base: dict[str, Any] = {
+        "gateway": {"vehicle_id": scenario.vehicle_id, "profile": str(options.profile),
+                    "state_dir": str(workdir / "state")},
+        "mqtt": {"host": options.broker[0], "port": options.broker[1], "protocol": "5",
+                 "backoff_min": 0.2, "backoff_max": 2.0},
+        "commands": {"keys": str(keys)},
+        "can": {bus_name: options.gateway_bus},
+        "health": {"interval_s": 2},
+        "telemetry": {"state_interval": 1.0},
+    }
+    if gnss_device is not None:
+        base["gnss"] = {"device": gnss_device, "baud": 115200}
+    path = workdir / "gateway.toml"
+    path.write_text(tomli_w.dumps(merge(base, scenario.settings)))
+    return path
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid on ``base``, tables merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+async def _listen(client: aiomqtt.Client, run: _Run) -> None:
+    prefix = f"{PREFIX}/{run.scenario.vehicle_id}/"
+    async for message in client.messages:
+        topic = str(message.topic)[len(prefix):]
+        raw = message.payload if isinstance(message.payload, bytes) else b""
+        run.records.append((run.clock.monotonic(), topic, _payload(topic, raw)))
+
+
+def _payload(topic: str, raw: bytes) -> dict[str, Any]:
+    try:
+        if topic.startswith("cmd/res/"):
+            return env.open_result(raw, None).body()
+        data = json.loads(raw) if raw else {}
+    except (ValueError, env.Malformed):
+        return {"unreadable": raw[:200].decode("utf-8", "replace")}
+    return data if isinstance(data, dict) else {"value": data}
+
+
+async def _ready(run: _Run, gateway: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait until the gateway says it is online and has published telemetry."""
+    deadline = run.clock.monotonic() + timeout
+    while run.clock.monotonic() < deadline:
+        if gateway.poll() is not None:
+            run.problems.append(f"the gateway exited with status {gateway.returncode} "
+                                "before it came online")
+            return False
+        topics = {(t, p.get("state")) for _, t, p in run.records}
+        if ("status", "online") in topics and any(t == "telemetry" for t, _ in topics):
+            return True
+        await run.clock.sleep(POLL_S)
+    run.problems.append(f"the gateway was not online and publishing within {timeout:g} s")
+    return False
+
+
+async def _timeline(run: _Run, car: LiveVehicle, gateway: subprocess.Popen[bytes],
+                    client: aiomqtt.Client, key: Any) -> None:
+    scenario = run.scenario
+    pending = list(scenario.steps)
+    while run.now() < scenario.duration_s:
+        if gateway.poll() is not None:
+            run.problems.append(f"the gateway exited with status {gateway.returncode} at "
+                                f"{run.now():.1f} s")
+            return
+        while pending and pending[0].at <= run.now():
+            step = pending.pop(0)
+            if step.do == "command":
+                await _command(client, scenario, step, key, run.clock)
+            else:
+                car.apply(step)
+        met = None if pending else all_met_at(scenario, run.scenario_records())
+        if met is not None and run.now() >= max(met, scenario.last_step_end) + SETTLE_S:
+            return
+        await run.clock.sleep(POLL_S)
+
+
+async def _command(client: aiomqtt.Client, scenario: Scenario, step: Step, key: Any,
+                   clock: Clock) -> None:
+    command = build_command(scenario.vehicle_id, step.args["cmd"], step.args["args"], key,
+                            COMMAND_TTL_S, clock.time())
+    await client.publish(Topics(scenario.vehicle_id).command_request,
+                         env.sign_command(command, key), qos=1)
+
+
+def _stop_gateway(gateway: subprocess.Popen[bytes], run: _Run) -> None:
+    if gateway.poll() is None:
+        gateway.send_signal(signal.SIGTERM)
+        try:
+            gateway.wait(30)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            gateway.wait()
+            run.problems.append("the gateway did not stop within 30 s of SIGTERM")
+            return
+        if gateway.returncode != 0:
+            run.problems.append(f"the gateway exited with status {gateway.returncode} "
+                                "on SIGTERM")
+
+
+def _log_problems(log_path: Path, tail: bool) -> list[str]:
+    """A traceback in the daemon's log is a failure even when every check passed; after
+    another problem, the log's last lines say what the daemon was doing."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    out = []
+    for n, line in enumerate(lines):
+        if line.startswith("Traceback"):
+            out.append(f"traceback in {log_path}: " + " | ".join(lines[n:n + 12][-3:]))
+    out = out[:3]
+    if tail and lines:
+        out.append(f"the last lines of {log_path}:\n" +
+                   "\n".join(f"               {line}" for line in lines[-LOG_TAIL:]))
+    return out
