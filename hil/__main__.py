@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
 import tty
@@ -182,6 +183,10 @@ def _run_scenarios(args: argparse.Namespace) -> int:
     return main_uml(args.argv)
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(prog="python -m hil")
@@ -208,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("can").setLevel(logging.WARNING)  # "Created a socket" per bus opened
     if args.command in ("run", "suite", "uml"):
+        # A CI timeout or a closed terminal: unwind, so the daemon, mosquitto and the VM
+        # are stopped by the same clean-up as a normal end.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _exit_on_signal)
         return _run_scenarios(args)
     try:
         return asyncio.run(_sim(args) if args.command == "sim" else _demo(args))

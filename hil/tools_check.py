@@ -79,7 +79,11 @@ def _record(iface: str, path: Path) -> str:
             asyncio.run(_drive(iface, RECORD_S))
         finally:
             dump.send_signal(signal.SIGINT)
-            _, err = dump.communicate(timeout=10)
+            try:
+                _, err = dump.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                dump.kill()
+                _, err = dump.communicate()
     lines = path.read_text().splitlines()
     bad = [line for line in lines if not _LINE.match(line)]
     if bad:
@@ -135,21 +139,22 @@ def _cansend(iface: str) -> str:
 
 async def _replay(iface: str, record: Path, work: Path) -> str:
     vehicle = "hil-canplayer"
-    with Mosquitto(work / "broker") as broker:
+    with Mosquitto(work / "broker") as broker, (work / "gateway.log").open("wb") as log:
         gateway = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "run", "--profile", str(REFERENCE_PROFILE),
              "--vehicle-id", vehicle, "--broker", f"{broker.host}:{broker.port}",
              "--state-dir", str(work / "state"), "--bus", f"vehicle=socketcan:{iface}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=log,
+            start_new_session=True)
         try:
             return await _watch_replay(broker, Topics(vehicle), iface, record, gateway)
         finally:
             gateway.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                gateway.communicate(timeout=30)
+                gateway.wait(timeout=30)
             if gateway.poll() is None:
                 gateway.kill()
-                gateway.communicate()
+                gateway.wait()
 
 
 async def _watch_replay(broker: Mosquitto, topics: Topics, iface: str, record: Path,
@@ -162,7 +167,8 @@ async def _watch_replay(broker: Mosquitto, topics: Topics, iface: str, record: P
             async with asyncio.timeout(90):
                 async for message in client.messages:
                     data: Any = json.loads(bytes(message.payload))
-                    if message.topic.matches(topics.status) and data.get("state") == "online":
+                    if player is None and message.topic.matches(topics.status) and \
+                            data.get("state") == "online":
                         # The recording names its interface; replay it onto ours.
                         player = subprocess.Popen(["canplayer", "-I", str(record),
                                                    f"{iface}={_recorded_iface(record)}"])

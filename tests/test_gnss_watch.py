@@ -172,8 +172,18 @@ def test_lost_alert_s_defaults_to_30_and_can_be_set(tmp_path: Path) -> None:
     assert load_settings(_settings_file(tmp_path, "")).location.gnss.lost_alert_s == 30.0
     loaded = load_settings(_settings_file(tmp_path, "lost_alert_s = 3600\n"))
     assert loaded.location.gnss.lost_alert_s == 3600.0
-    assert load_settings(_settings_file(tmp_path, "lost_alert_s = 0.5\n")) \
+    assert load_settings(_settings_file(tmp_path, "rate_hz = 10\nlost_alert_s = 0.5\n")) \
         .location.gnss.lost_alert_s == 0.5
+
+
+def test_lost_alert_s_must_span_more_than_two_epochs(tmp_path: Path) -> None:
+    # At 1 Hz a 2 s threshold would flap between two healthy epochs.
+    path = _settings_file(tmp_path, "lost_alert_s = 2\n")
+    with pytest.raises(ConfigError, match=r"gw.toml:7: gnss.lost_alert_s: expected more than "
+                                          r"two epochs at rate_hz = 1 \(2 s\), got 2"):
+        load_settings(path)
+    assert load_settings(_settings_file(tmp_path, "lost_alert_s = 2.5\n")) \
+        .location.gnss.lost_alert_s == 2.5
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "3601", "inf", "nan", '"30"', "true"])

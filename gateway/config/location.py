@@ -99,6 +99,11 @@ def parse_gnss(t: Table, present: bool = False) -> GnssSettings:
     max_interval = _number(t, "max_interval_s", default.max_interval_s, 1.0, 86400.0)
     if max_interval < min_interval:
         t.fail("max_interval_s", f"expected at least min_interval_s ({min_interval:g})")
+    lost_alert = _lost_alert(t, default.lost_alert_s)
+    if lost_alert <= 2.0 / rate:
+        # Shorter than two epochs, a healthy receiver would raise and clear it every epoch.
+        t.fail("lost_alert_s", f"expected more than two epochs at rate_hz = {rate:g} "
+                               f"({2.0 / rate:g} s), got {lost_alert:g}")
     return GnssSettings(
         enabled=t.opt_bool("enabled", present or bool(t.data)),
         device=device,
@@ -112,7 +117,7 @@ def parse_gnss(t: Table, present: bool = False) -> GnssSettings:
                                   86400.0),
         heading_change_deg=_number(t, "heading_change_deg", default.heading_change_deg, 1.0,
                                    180.0),
-        lost_alert_s=_lost_alert(t, default.lost_alert_s),
+        lost_alert_s=lost_alert,
     )
 
 

@@ -178,11 +178,15 @@ async def play_scenario(scenario: Scenario, interface: str, channel: str,
     car = LiveVehicle(bus, VehicleModel(mode=scenario.mode, soc=scenario.soc,
                                         ambient_c=scenario.ambient_c), clock, master)
     stop = asyncio.Event()
+    end = duration_s if duration_s is not None else scenario.duration_s
+    task: asyncio.Task[int] | None = None
     try:
         car.check(scenario)
         task = asyncio.create_task(car.run(stop))
         start = clock.monotonic()
         for step in scenario.steps:
+            if step.at > end:
+                break
             await clock.sleep(max(0.0, start + step.at - clock.monotonic()))
             if step.do == "command":
                 print(f"hil sim: {step.at:g} s: send it yourself: ev-gateway command "
@@ -190,12 +194,11 @@ async def play_scenario(scenario: Scenario, interface: str, channel: str,
                 continue
             car.apply(step)
             print(f"hil sim: {step.at:g} s: {step.do} {step.args}", file=sys.stderr)
-        end = duration_s if duration_s is not None else scenario.duration_s
         await clock.sleep(max(0.0, start + end - clock.monotonic()))
-        stop.set()
-        await task
     finally:
         stop.set()
+        if task is not None:
+            await task
         close_quietly(bus)
         for fd in (master, slave):
             if fd is not None:

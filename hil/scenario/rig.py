@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import tomli_w
 
 from gateway.cli.command import build_command
 from gateway.clock import Clock, SystemClock
@@ -82,7 +82,10 @@ async def run_scenario(scenario: Scenario, options: RigOptions,
     """Run ``scenario`` against a fresh gateway process and judge what came out."""
     clock = clock or SystemClock()
     workdir = options.workdir / scenario.name
-    workdir.mkdir(parents=True, exist_ok=True)
+    # A fresh gateway each run: a kept state directory would bring back latched alerts,
+    # the outbox and the replay cache of the last one.
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
     interface, _, channel = options.sim_bus.partition(":")
     with contextlib.ExitStack() as stack:
         gnss_master = gnss_device = None
@@ -123,7 +126,7 @@ async def _run(run: _Run, options: RigOptions, car: LiveVehicle, settings: Path,
             try:
                 if await _ready(run, gateway, options.ready_timeout_s):
                     run.t0 = clock.monotonic()
-                    await _timeline(run, car, gateway, client, key)
+                    await _timeline(run, car, vehicle, gateway, client, key)
             finally:
                 listener.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -133,9 +136,13 @@ async def _run(run: _Run, options: RigOptions, car: LiveVehicle, settings: Path,
     finally:
         ran = run.now()
         if gateway is not None:
-            _stop_gateway(gateway, run)
+            # In a thread: the car keeps sending while the daemon shuts down.
+            await asyncio.to_thread(_stop_gateway, gateway, run)
         stop.set()
-        await vehicle
+        try:
+            await vehicle
+        except Exception as exc:  # any failure of the car is the run's problem
+            run.problems.append(f"the simulated car failed: {exc!r}")
     run.problems += _log_problems(log_path, tail=bool(run.problems))
     return evaluate(scenario, run.scenario_records(), ran, run.problems)
 
@@ -158,6 +165,8 @@ def write_settings(scenario: Scenario, options: RigOptions, workdir: Path, key_t
     }
     if gnss_device is not None:
         base["gnss"] = {"device": gnss_device, "baud": 115200}
+    import tomli_w  # the [hil] extra: only the rig writes TOML, not a gateway on a car
+
     path = workdir / "gateway.toml"
     path.write_text(tomli_w.dumps(merge(base, scenario.settings)))
     return path
@@ -208,11 +217,14 @@ async def _ready(run: _Run, gateway: subprocess.Popen[bytes], timeout: float) ->
     return False
 
 
-async def _timeline(run: _Run, car: LiveVehicle, gateway: subprocess.Popen[bytes],
-                    client: aiomqtt.Client, key: Any) -> None:
+async def _timeline(run: _Run, car: LiveVehicle, vehicle: asyncio.Task[int],
+                    gateway: subprocess.Popen[bytes], client: aiomqtt.Client,
+                    key: Any) -> None:
     scenario = run.scenario
     pending = list(scenario.steps)
     while run.now() < scenario.duration_s:
+        if vehicle.done():
+            return  # its exception is reported at teardown
         if gateway.poll() is not None:
             run.problems.append(f"the gateway exited with status {gateway.returncode} at "
                                 f"{run.now():.1f} s")
@@ -224,7 +236,7 @@ async def _timeline(run: _Run, car: LiveVehicle, gateway: subprocess.Popen[bytes
             else:
                 car.apply(step)
         met = None if pending else all_met_at(scenario, run.scenario_records())
-        if met is not None and run.now() >= max(met, scenario.last_step_end) + SETTLE_S:
+        if met is not None and run.now() >= max(met, scenario.quiet_until) + SETTLE_S:
             return
         await run.clock.sleep(POLL_S)
 

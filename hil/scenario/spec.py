@@ -51,6 +51,8 @@ ACTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "gnss": (("state",), {}),
     "command": (("cmd",), {"args": {}}),
 }
+SETTLE_MARGIN = 5.0
+"""A run may end this long before its duration once everything else is settled."""
 MAX_FLOOD_HZ = 4000.0
 """A 500 kbit/s bus carries at most about 4,000 frames per second."""
 
@@ -134,6 +136,14 @@ class Scenario:
     def vehicle_id(self) -> str:
         """The simulated car's id: one per scenario, so retained messages never mix."""
         return f"hil-{self.name}"
+
+    @property
+    def quiet_until(self) -> float:
+        """Before this, a run may not end early: its timeline is not over, or a
+        ``[[forbid]]`` window is still open (a forbid without ``by`` runs to the end)."""
+        ends = [self.last_step_end]
+        ends += [self.duration_s - SETTLE_MARGIN if f.by is None else f.by for f in self.forbid]
+        return max(ends)
 
     @property
     def last_step_end(self) -> float:

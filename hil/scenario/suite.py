@@ -10,12 +10,15 @@ Linux (hil/uml.py), which boots a real kernel with vcan as an ordinary process.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
+
+import can
 
 from gateway.config.errors import ConfigError
 from hil.broker import INSTALL_HINT, Mosquitto, find_mosquitto
@@ -64,6 +67,7 @@ def run_files(files: Sequence[Path], sim_bus: str, gateway_bus: str | None = Non
     verdicts: list[Verdict] = []
     with tempfile.TemporaryDirectory(prefix="ev-gateway-hil-") as tmp:
         base = workdir or Path(tmp)
+        shutil.rmtree(base / "broker", ignore_errors=True)  # no retained leftovers
         with Mosquitto(base / "broker") as broker:
             for scenario in scenarios:
                 print(f"--- {scenario.name}: {scenario.description} "
@@ -76,6 +80,10 @@ def run_files(files: Sequence[Path], sim_bus: str, gateway_bus: str | None = Non
                 except ConfigError as exc:
                     print(f"hil: {exc}", file=out)
                     return USAGE
+                except (OSError, can.CanError, ValueError) as exc:
+                    # A bus that is down or a typo in --bus: this scenario cannot run, the
+                    # others may.
+                    verdict = Verdict(scenario, False, 0.0, [f"  PROBLEM    {exc}"])
                 verdicts.append(verdict)
                 print(verdict.report(), file=out, flush=True)
     failed = [v.scenario.name for v in verdicts if not v.passed]
