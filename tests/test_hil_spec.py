@@ -11,7 +11,7 @@ from pathlib import Path
 import can
 import pytest
 
-from gateway.clock import ManualClock
+from gateway.clock import ManualClock, SystemClock
 from gateway.config.errors import ConfigError
 from hil.scenario.live import LiveVehicle
 from hil.scenario.spec import Scenario, compare, load_scenario, lookup, topic_matches
@@ -261,3 +261,22 @@ def test_compare(op: str, actual: object, expected: object, result: bool) -> Non
 ])
 def test_topic_matches(pattern: str, topic: str, result: bool) -> None:
     assert topic_matches(pattern, topic) is result
+
+
+async def test_a_flood_sends_exactly_rate_times_duration_frames_of_its_ids() -> None:
+    # The flood scenario expects the gateway to count every frame, so the car must send
+    # exactly rate x duration of them, spread over the stated identifiers.
+    tx = can.Bus(interface="virtual", channel="hil-flood-count")
+    rx = can.Bus(interface="virtual", channel="hil-flood-count")
+    try:
+        car = LiveVehicle(tx, VehicleModel(), SystemClock())
+        await car._flood([0x7A0, 0x18FF00F9], 400, 0.5)
+        ids = []
+        while (msg := rx.recv(0)) is not None:
+            ids.append((msg.arbitration_id, msg.is_extended_id))
+    finally:
+        tx.shutdown()
+        rx.shutdown()
+    assert car.flooded == 200
+    assert len(ids) == 200
+    assert set(ids) == {(0x7A0, False), (0x18FF00F9, True)}

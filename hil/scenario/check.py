@@ -131,6 +131,8 @@ def _what_came_out(e: Expectation, records: list[Record]) -> list[str]:
     same = [r for r in on_topic if all(c.holds(r.payload) for c in subject)] \
         if subject else []
     shown = same or on_topic
+    # The messages inside the window are the interesting ones, when there are any.
+    shown = [r for r in shown if e.in_window(r.t)] or shown
     if not shown:
         return [f"             got: nothing on '{e.topic}'"]
     what = "got (same subject)" if same else f"got (on '{e.topic}')"

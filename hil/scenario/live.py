@@ -133,24 +133,25 @@ class LiveVehicle:
             await self.clock.sleep(RAMP_EVERY_S)
 
     async def _flood(self, ids: list[int], rate_hz: float, duration_s: float) -> None:
-        # Paced in small batches: the point is a bus busy with foreign traffic at a stated
-        # rate, not a burst that only overflows the sender's own queue.
+        # Exactly rate x duration frames, paced in small batches: the point is a bus busy
+        # with foreign traffic at a stated rate, and a count the gateway must match.
+        total = round(rate_hz * duration_s)
         start = self.clock.monotonic()
-        owed, n = 0.0, 0
-        last = start
-        while (now := self.clock.monotonic()) - start < duration_s:
-            owed += (now - last) * rate_hz
-            last = now
-            while owed >= 1.0:
-                owed -= 1.0
+        n = 0
+        while n < total:
+            due = min(total, int((self.clock.monotonic() - start) * rate_hz) + 1)
+            while n < due:
                 ident = ids[n % len(ids)]
                 frame = can.Message(arbitration_id=ident, is_extended_id=ident > 0x7FF,
                                     data=n.to_bytes(8, "little"))
                 try:
                     self.bus.send(frame)
-                    self.flooded += 1
-                except can.CanError as exc:  # a full queue drops, as on a real bus
-                    log.debug("flood frame dropped: %s", exc)
+                except can.CanError as exc:
+                    # A full transmit queue: a CAN controller retries, so try it again on
+                    # the next tick rather than drop it.
+                    log.debug("flood frame deferred: %s", exc)
+                    break
+                self.flooded += 1
                 n += 1
             await self.clock.sleep(FLOOD_TICK_S)
 
