@@ -8,13 +8,13 @@ restart keeps retained messages and sessions, as a production broker would.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 INSTALL_HINT = "mosquitto not found: install it with 'apt-get install mosquitto'"
@@ -27,6 +27,23 @@ def find_mosquitto() -> str | None:
         if found:
             return found
     return None
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float,
+                 sig: int = signal.SIGTERM) -> bool:
+    """Send ``sig``, wait up to ``timeout`` seconds, then kill. True when the process
+    ended by itself (or had already ended)."""
+    if process.poll() is not None:
+        return True
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(sig)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return False
+    return True
 
 
 def free_port() -> int:
@@ -95,14 +112,7 @@ class Mosquitto:
     def _signal(self, sig: int) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(10)
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, 10, sig)
         if self.process.stderr:
             self.process.stderr.close()
         self.process = None

@@ -26,7 +26,7 @@ import aiomqtt
 from gateway.can import BusOptions, open_bus
 from gateway.clock import SystemClock
 from gateway.mqtt.topics import Topics
-from hil.broker import Mosquitto
+from hil.broker import Mosquitto, stop_process
 from hil.scenario.rig import REFERENCE_PROFILE
 from hil.sim.ecus import VehicleEcus
 from hil.sim.model import VehicleModel
@@ -149,12 +149,7 @@ async def _replay(iface: str, record: Path, work: Path) -> str:
         try:
             return await _watch_replay(broker, Topics(vehicle), iface, record, gateway)
         finally:
-            gateway.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                gateway.wait(timeout=30)
-            if gateway.poll() is None:
-                gateway.kill()
-                gateway.wait()
+            stop_process(gateway, 30)
 
 
 async def _watch_replay(broker: Mosquitto, topics: Topics, iface: str, record: Path,

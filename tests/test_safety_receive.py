@@ -258,6 +258,37 @@ def test_no_timeout_when_the_whole_bus_falls_silent_together(rig):
         ["cleared"] * (len(rig.log.transitions) - before)
 
 
+def test_after_the_bus_wakes_each_message_gets_one_window_to_speak(rig):
+    for _ in range(64):
+        rig.step("BMS_Pack", "MCU_Drive")
+    for _ in range(640):  # the car sleeps
+        rig.step()
+    woke = rig.step("MCU_Drive")  # the motor controller happens to speak first
+    window = _window(rig, "BMS_Pack")
+    while rig.step("MCU_Drive") - woke <= window:
+        assert rig.log.get("rx.BMS_Pack.timeout") is None, "timed out before it could speak"
+    # A BMS that stays silent while the bus is awake is still a fault.
+    for _ in range(8):
+        rig.step("MCU_Drive")
+    assert rig.log.get("rx.BMS_Pack.timeout") is not None
+    assert rig.log.get("rx.MCU_Drive.timeout") is None
+
+
+def test_a_held_up_monitor_gives_every_message_a_window_again(rig):
+    for _ in range(64):
+        rig.step("BMS_Pack", "MCU_Drive")
+    # The whole machine stops for half a second (no evaluation, nothing sent), then the
+    # BMS's frame is the first one out of the catch-up burst.
+    rig.clock.advance(0.5)
+    resumed = rig.step("BMS_Pack")
+    window = _window(rig, "MCU_Drive")
+    while rig.step("BMS_Pack") - resumed <= window:
+        assert rig.log.get("rx.MCU_Drive.timeout") is None, "timed out before it could speak"
+    rig.step("BMS_Pack")
+    # Still silent a window after the hold-up: now it is a timeout.
+    assert rig.log.get("rx.MCU_Drive.timeout") is not None
+
+
 def test_no_timeout_when_simulated_traffic_stops(rig):
     frames = generate(VehicleModel(mode="park"), 3.0, start=rig.clock.time())
     rig.monitor.evaluate()

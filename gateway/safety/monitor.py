@@ -10,7 +10,9 @@ Besides the limit rules it watches the receive side itself: a safety-relevant
 message that falls silent while the rest of its bus is awake
 (``rx.<Message>.timeout``), and one whose frames fail their counter or
 checksum (``rx.<Message>.integrity``). A bus that is silent as a whole is
-asleep (the car is off), which is not a fault.
+asleep (the car is off), which is not a fault. Each message gets one full window to
+speak again after the bus wakes and after the monitor itself was held up (a stalled
+loop, a suspended machine): its ECU had no chance to be heard in between.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from gateway.state import CATALOG, SignalState, StateStore
 
 MIN_GAP = 0.05
 """Event-driven evaluations are at least this far apart (monotonic seconds)."""
+LATE_TICKS = 1.5
+"""Evaluations further apart than this many ticks mean the monitor was held up."""
 
 VERDICT_PATHS = {
     "motion": "Vehicle.Safety.Motion",
@@ -62,7 +66,8 @@ class SafetyMonitor:
         self._clock = clock
         self.rules = build_rules(store, self.spec)
         self._motion = MotionJudge(store, self.spec)
-        self._started: float | None = None
+        self._listening: float | None = None
+        """Since when silence counts: the first evaluation, or the first after a hold-up."""
         self.rx_rules = self._rx_rules(plans, checks)
         self._last_eval = -math.inf
         self.watchers: list[Callable[[float], None]] = []
@@ -91,9 +96,10 @@ class SafetyMonitor:
     def evaluate(self, now: float | None = None) -> Verdicts:
         """Update every rule and the verdicts at ``now`` (the clock's time by default)."""
         now = self._clock.time() if now is None else now
-        self._last_eval = self._clock.monotonic()
-        if self._started is None:
-            self._started = now
+        mono = self._clock.monotonic()
+        if self._listening is None or mono - self._last_eval > LATE_TICKS * self.tick_s:
+            self._listening = now
+        self._last_eval = mono
         with evaluation():
             for rule in self.rules:
                 self._update(rule, rule.measure(now), now)
@@ -165,11 +171,13 @@ class SafetyMonitor:
             return None  # event-driven: silence is normal
         window = max(windows)
         samples = [p.all_samples() for p in bus.mapped.values()]
+        asleep, woke = False, -math.inf
 
         def measure(now: float) -> Reading:
-            assert self._started is not None  # evaluate() sets it before any rule runs
+            nonlocal asleep, woke
+            assert self._listening is not None  # evaluate() sets it before any rule runs
             last = max((s.timestamp for s in plan.all_samples() if s.timestamp), default=None)
-            deadline = (last if last is not None else self._started) + window
+            deadline = max(last or -math.inf, self._listening, woke) + window
             if now <= deadline:
                 return Measurement(0.0, last or now)
             # Silent. Did anything else on this bus arrive after our deadline? If not, the
@@ -177,7 +185,12 @@ class SafetyMonitor:
             latest = max((s.timestamp for group in samples for s in group if s.timestamp),
                          default=None)
             if latest is None or latest <= deadline:
+                asleep = True
                 return NOT_APPLICABLE
+            if asleep:
+                # The bus has just woken: the ECUs start one after another, not together.
+                asleep, woke = False, now
+                return Measurement(0.0, now)
             return Measurement(1.0, now)
 
         return Rule(f"rx.{plan.name}.timeout", f"{plan.name} not received", slots[0].path, "",

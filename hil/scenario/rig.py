@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tty
@@ -30,7 +29,8 @@ from gateway.commands import envelope as env
 from gateway.commands.keys import generate_private_key, key_entry
 from gateway.config import load_profile
 from gateway.mqtt.topics import PREFIX, Topics
-from hil.scenario.check import Record, Verdict, all_met_at, evaluate
+from hil.broker import stop_process
+from hil.scenario.check import Progress, Record, Verdict, evaluate
 from hil.scenario.live import LiveVehicle
 from hil.scenario.spec import Scenario, Step
 from hil.sim.model import VehicleModel
@@ -68,9 +68,10 @@ class _Run:
     t0: float | None = None
     problems: list[str] = field(default_factory=list)
 
-    def scenario_records(self) -> list[Record]:
+    def scenario_records(self, start: int = 0) -> list[Record]:
         base = self.t0 if self.t0 is not None else self.clock.monotonic()
-        return [Record(mono - base, topic, payload) for mono, topic, payload in self.records]
+        return [Record(mono - base, topic, payload)
+                for mono, topic, payload in self.records[start:]]
 
     def now(self) -> float:
         now = self.clock.monotonic()
@@ -222,6 +223,7 @@ async def _timeline(run: _Run, car: LiveVehicle, vehicle: asyncio.Task[int],
                     key: Any) -> None:
     scenario = run.scenario
     pending = list(scenario.steps)
+    progress, fed = Progress(scenario), 0
     while run.now() < scenario.duration_s:
         if vehicle.done():
             return  # its exception is reported at teardown
@@ -235,7 +237,10 @@ async def _timeline(run: _Run, car: LiveVehicle, vehicle: asyncio.Task[int],
                 await _command(client, scenario, step, key, run.clock)
             else:
                 car.apply(step)
-        met = None if pending else all_met_at(scenario, run.scenario_records())
+        new = run.scenario_records(fed)
+        fed += len(new)
+        progress.feed(new)
+        met = None if pending else progress.met_at
         if met is not None and run.now() >= max(met, scenario.quiet_until) + SETTLE_S:
             return
         await run.clock.sleep(POLL_S)
@@ -250,18 +255,13 @@ async def _command(client: aiomqtt.Client, scenario: Scenario, step: Step, key: 
 
 
 def _stop_gateway(gateway: subprocess.Popen[bytes], run: _Run) -> None:
-    if gateway.poll() is None:
-        gateway.send_signal(signal.SIGTERM)
-        try:
-            gateway.wait(30)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
-            gateway.wait()
-            run.problems.append("the gateway did not stop within 30 s of SIGTERM")
-            return
-        if gateway.returncode != 0:
-            run.problems.append(f"the gateway exited with status {gateway.returncode} "
-                                "on SIGTERM")
+    if gateway.poll() is not None:
+        return  # the timeline already reported how it ended
+    if not stop_process(gateway, 30):
+        run.problems.append("the gateway did not stop within 30 s of SIGTERM")
+    elif gateway.returncode != 0:
+        run.problems.append(f"the gateway exited with status {gateway.returncode} "
+                            "on SIGTERM")
 
 
 def _log_problems(log_path: Path, tail: bool) -> list[str]:
