@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,8 @@ class Verdict:
     passed: bool
     ran_s: float
     lines: list[str] = field(default_factory=list)
+    disturbed: str | None = None
+    """Why the rig itself may have caused a failure (the car stalled), or None."""
 
     def report(self) -> str:
         """The report: a PASS/FAIL headline, then one line per finding."""
@@ -89,10 +91,13 @@ def all_met_at(scenario: Scenario, records: list[Record]) -> float | None:
 
 
 def evaluate(scenario: Scenario, records: list[Record], ran_s: float,
-             problems: list[str]) -> Verdict:
+             problems: list[str], excuse: Callable[[Record], str | None] | None = None,
+             disturbed: str | None = None) -> Verdict:
     """Judge a run. ``problems`` are failures found by the rig itself (a gateway that
-    crashed or logged a traceback, a broker that went away)."""
-    verdict = Verdict(scenario, True, ran_s)
+    crashed or logged a traceback, a broker that went away). ``excuse`` says why an
+    unexpected alert is the rig's doing, not the gateway's (None when it is not);
+    ``disturbed`` says how the rig may have disturbed the run, for the report."""
+    verdict = Verdict(scenario, True, ran_s, disturbed=disturbed)
     out = verdict.lines
     for text in problems:
         verdict.passed = False
@@ -113,9 +118,15 @@ def evaluate(scenario: Scenario, records: list[Record], ran_s: float,
                        f"{len(hits)} time(s):")
             out.extend(f"             {summary(r, _detail_paths(f))}" for r in hits[:SHOWN])
     for r in unexpected_alerts(scenario, records):
+        why = excuse(r) if excuse is not None else None
+        if why is not None:
+            out.append(f"  excused    {summary(r)}: {why}")
+            continue
         verdict.passed = False
         out.append(f"  UNEXPECTED {summary(r)} (not expected by the scenario, nor in "
                    "allow_alerts)")
+    if disturbed is not None:
+        out.append(f"  RIG        {disturbed}")
     return verdict
 
 
@@ -190,7 +201,9 @@ def summary(r: Record, paths: list[str] | None = None) -> str:
         body = f"event {p.get('type')} {_short(p.get('data'))}"
     elif r.topic.startswith("cmd/res/"):
         reason = f" ({p.get('reason')})" if p.get("reason") else ""
-        body = f"command {p.get('cmd')} {p.get('status')}{reason}"
+        # The detail says why (e.g. motion ["stopping"]): what a failure report needs.
+        detail = f" {_short(p['detail'])}" if p.get("detail") else ""
+        body = f"command {p.get('cmd')} {p.get('status')}{reason}{detail}"
     else:
         body = f"{r.topic} {_short({k: v for k, v in p.items() if k not in _ENVELOPE})}"
     return f"{r.t:7.1f} s  {body}"

@@ -27,7 +27,7 @@ from hil.sim import faults
 from hil.sim.ecus import VehicleEcus
 from hil.sim.gnss import NmeaSimulator, run_receiver
 from hil.sim.model import CELLS, VehicleModel
-from hil.sim.runner import close_quietly, open_sim_bus, run_vehicle
+from hil.sim.runner import Stall, close_quietly, open_sim_bus, run_vehicle
 
 log = logging.getLogger("hil.scenario")
 
@@ -50,6 +50,8 @@ class LiveVehicle:
         self._gnss_fd = gnss_fd
         self.flooded = 0
         """Frames of unknown identifiers sent by ``flood`` steps."""
+        self.stalls: list[Stall] = []
+        """Times the car itself fell behind its schedule (a busy host), monotonic."""
         self._tasks: list[asyncio.Task[Any]] = []
 
     def check(self, scenario: Scenario) -> None:
@@ -89,7 +91,8 @@ class LiveVehicle:
             receiver = asyncio.create_task(
                 run_receiver(self._gnss_fd, self.nmea, self.clock, stop), name="hil-gnss")
         try:
-            return await run_vehicle(self.bus, self.ecus, self.clock, stop)
+            return await run_vehicle(self.bus, self.ecus, self.clock, stop,
+                                     stalls=self.stalls)
         finally:
             for task in self._tasks:
                 task.cancel()

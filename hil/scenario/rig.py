@@ -33,6 +33,7 @@ from hil.broker import stop_process
 from hil.scenario.check import Progress, Record, Verdict, evaluate
 from hil.scenario.live import LiveVehicle
 from hil.scenario.spec import Scenario, Step
+from hil.scenario.stalls import CarStalls, in_scenario_time, receive_watches
 from hil.sim.model import VehicleModel
 from hil.sim.runner import close_quietly, open_sim_bus
 
@@ -145,7 +146,10 @@ async def _run(run: _Run, options: RigOptions, car: LiveVehicle, settings: Path,
         except Exception as exc:  # any failure of the car is the run's problem
             run.problems.append(f"the simulated car failed: {exc!r}")
     run.problems += _log_problems(log_path, tail=bool(run.problems))
-    return evaluate(scenario, run.scenario_records(), ran, run.problems)
+    stalls = CarStalls(in_scenario_time(car.stalls, run.t0 if run.t0 is not None else 0.0,
+                                        ran), receive_watches(options.profile))
+    return evaluate(scenario, run.scenario_records(), ran, run.problems,
+                    excuse=stalls.excuse, disturbed=stalls.summary())
 
 
 def write_settings(scenario: Scenario, options: RigOptions, workdir: Path, key_toml: str,

@@ -1,0 +1,104 @@
+"""Telling the gateway's faults from the rig's own: stalls of the simulated car.
+
+A real ECU sends on its cycle whatever else happens. The simulated car is a Python task
+on a shared machine (in User-Mode Linux, one virtual CPU for the car, the daemon and the
+broker), and now and then it wakes late. The gateway then sees a fast message fall
+silent for longer than its staleness window, and is right to say so. The car records
+each stall (:class:`hil.sim.runner.Stall`); this module turns them into two answers:
+
+- an ``rx.<Message>.timeout`` alert that a stall explains is *excused*: the message
+  really was missing on the bus, and the report says so instead of failing;
+- a run with a stall long enough to make any watched message look silent is
+  *disturbed*: the suite runs a failed, disturbed scenario once more, and says so.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.config import load_profile
+from gateway.decode import build_plans
+from gateway.state import StateStore
+from hil.scenario.check import Record
+from hil.sim.runner import Stall
+
+ALERT_LAG_S = 1.0
+"""From the end of a stall to the alert reaching the rig: one evaluation tick, then the
+broker; generous, because the machine that stalled is the one that delivers it."""
+_TIMEOUT_KEY = re.compile(r"rx\.(?P<name>.+)\.timeout")
+
+
+@dataclass(frozen=True)
+class Watch:
+    """How long a message may be silent before the gateway's timeout alert, and its cycle."""
+
+    window_s: float
+    cycle_s: float
+
+    @property
+    def tolerates_s(self) -> float:
+        """The longest stall of its sender that cannot make this message look silent: the
+        frame after a stall comes at most one cycle plus the stall after the last one."""
+        return self.window_s - self.cycle_s
+
+
+def receive_watches(profile: Path) -> dict[str, Watch]:
+    """Every cyclic mapped message of ``profile`` with the window its timeout uses (the
+    longest staleness window of its signals, as the safety monitor computes it)."""
+    out: dict[str, Watch] = {}
+    for bus in build_plans(load_profile(profile), StateStore()).values():
+        for plan in bus.mapped.values():
+            windows = [d.slot.stale_after for decodes in plan.signals.values()
+                       for d in decodes if d.slot.stale_after is not None]
+            if windows and plan.cycle_s:
+                out[plan.name] = Watch(max(windows), plan.cycle_s)
+    return out
+
+
+@dataclass(frozen=True)
+class CarStalls:
+    """The car's stalls in scenario seconds (``Stall.end`` relative to time 0)."""
+
+    stalls: tuple[Stall, ...]
+    watches: dict[str, Watch]
+
+    def excuse(self, record: Record) -> str | None:
+        """Why a raised ``rx.<Message>.timeout`` alert is the car's doing, or None."""
+        key = str(record.payload.get("alert", {}).get("key", ""))
+        m = _TIMEOUT_KEY.fullmatch(key)
+        watch = self.watches.get(m["name"]) if m else None
+        if watch is None:
+            return None
+        for s in self.stalls:
+            if s.length > watch.tolerates_s and s.start <= record.t <= s.end + ALERT_LAG_S:
+                return (f"the simulated car stalled {s.length * 1000:.0f} ms at "
+                        f"{s.start:.1f} s; {m['name'] if m else key} is stale after "
+                        f"{watch.window_s * 1000:.0f} ms")
+        return None
+
+    def disturbing(self) -> list[Stall]:
+        """Stalls long enough to make the least tolerant watched message look silent."""
+        if not self.watches:
+            return []
+        least = min(w.tolerates_s for w in self.watches.values())
+        return [s for s in self.stalls if s.length > least]
+
+    def summary(self) -> str | None:
+        """One line on the disturbing stalls, or None when there were none."""
+        bad = self.disturbing()
+        if not bad:
+            return None
+        worst = max(bad, key=lambda s: s.length)
+        return (f"the simulated car stalled {len(bad)} time(s) long enough for a fast "
+                f"message to look silent (worst {worst.length * 1000:.0f} ms at "
+                f"{worst.start:.1f} s): a busy host, not the gateway")
+
+
+def in_scenario_time(stalls: list[Stall], t0: float, until: float) -> tuple[Stall, ...]:
+    """``stalls`` (monotonic) shifted so that ``t0`` is scenario time 0, keeping those that
+    overlap the judged part of the run: from the last second of the gateway's start (its
+    alerts could arrive after time 0) to ``until``, when the run ended and teardown began."""
+    shifted = (Stall(s.end - t0, s.length) for s in stalls)
+    return tuple(s for s in shifted if s.end >= -ALERT_LAG_S and s.start <= until)
