@@ -4,10 +4,13 @@ Each scenario runs for about 10 s of real time."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import random
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,6 +132,31 @@ async def test_passing_scenario(tmp_path: Path, broker: Mosquitto) -> None:
     assert re.search(r"ok\s+alert rx\.BMS_Pack\.integrity raised: at \d+\.\d s", report)
     log = tmp_path / "work" / "rig_frozen" / "gateway.log"
     assert "BMS_Pack" in log.read_text()
+
+
+async def test_a_car_stall_is_reported_and_a_second_attempt_keeps_to_itself(
+        tmp_path: Path, broker: Mosquitto) -> None:
+    scenario = load_scenario(write(tmp_path, "frozen", FROZEN))
+
+    async def hold_the_car_up() -> None:
+        # The car runs on this event loop: blocking it is what a busy host does to it.
+        await asyncio.sleep(2.0)
+        time.sleep(0.4)
+
+    stall = asyncio.create_task(hold_the_car_up())
+    second = dataclasses.replace(options(tmp_path, broker), attempt=2)
+    verdict = await run_scenario(scenario, second)
+    await stall
+    report = verdict.report()
+    assert verdict.passed, report
+    worst = re.search(r"RIG        the simulated car stalled \d+ time\(s\) .*worst (\d+) ms",
+                      report)
+    assert worst is not None, report
+    assert int(worst[1]) >= 400
+    work = tmp_path / "work" / "rig_frozen-2"
+    assert 'vehicle_id = "hil-rig_frozen-2"' in (work / "gateway.toml").read_text()
+    assert (work / "gateway.log").exists()
+    assert not (tmp_path / "work" / "rig_frozen").exists()
 
 
 async def test_failing_scenario_reports_expected_and_got(tmp_path: Path,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from hil.scenario.spec import Expectation, Scenario, lookup, topic_matches
 
@@ -39,8 +39,9 @@ class Verdict:
     passed: bool
     ran_s: float
     lines: list[str] = field(default_factory=list)
-    disturbed: str | None = None
-    """Why the rig itself may have caused a failure (the car stalled), or None."""
+    rerun_because: str | None = None
+    """Set on a failed run when the rig may have caused every failure in it (the car
+    stalled before each missing expectation was due, and nothing else failed): why."""
 
     def report(self) -> str:
         """The report: a PASS/FAIL headline, then one line per finding."""
@@ -90,15 +91,31 @@ def all_met_at(scenario: Scenario, records: list[Record]) -> float | None:
     return progress.met_at
 
 
+class RigEffects(Protocol):
+    """What the rig itself did to a run (:mod:`hil.scenario.stalls`: the car's stalls)."""
+
+    def excuse(self, record: Record, records: list[Record]) -> str | None:
+        """Why an unexpected alert is the rig's doing, not the gateway's; None if it is not."""
+        ...
+
+    def disturbed_before(self, t: float) -> bool:
+        """Whether the rig disturbed the run before scenario time ``t``."""
+        ...
+
+    def summary(self) -> str | None:
+        """One line on the disturbances for the report, or None when there were none."""
+        ...
+
+
 def evaluate(scenario: Scenario, records: list[Record], ran_s: float,
-             problems: list[str], excuse: Callable[[Record], str | None] | None = None,
-             disturbed: str | None = None) -> Verdict:
+             problems: list[str], rig: RigEffects | None = None) -> Verdict:
     """Judge a run. ``problems`` are failures found by the rig itself (a gateway that
-    crashed or logged a traceback, a broker that went away). ``excuse`` says why an
-    unexpected alert is the rig's doing, not the gateway's (None when it is not);
-    ``disturbed`` says how the rig may have disturbed the run, for the report."""
-    verdict = Verdict(scenario, True, ran_s, disturbed=disturbed)
+    crashed or logged a traceback, a broker that went away). ``rig`` excuses alerts it
+    caused, and decides whether a failed run may have been its doing."""
+    verdict = Verdict(scenario, True, ran_s)
     out = verdict.lines
+    # Only a run whose every failure the rig may have caused is worth another try.
+    rigs_doing = rig is not None and not problems
     for text in problems:
         verdict.passed = False
         out.append(f"  PROBLEM    {text}")
@@ -108,25 +125,30 @@ def evaluate(scenario: Scenario, records: list[Record], ran_s: float,
             out.append(f"  ok         {e.text}: at {hit.t:.1f} s")
             continue
         verdict.passed = False
+        due = e.by if e.by is not None else ran_s
+        rigs_doing = rigs_doing and rig is not None and rig.disturbed_before(due)
         out.append(f"  MISSING    {e.text}{_window(e)}{_line(e)}")
         out.extend(_what_came_out(e, records))
     for f in scenario.forbid:
         hits = [r for r in records if f.in_window(r.t) and f.matches(r.topic, r.payload)]
         if hits:
-            verdict.passed = False
+            verdict.passed = rigs_doing = False
             out.append(f"  FORBIDDEN  {f.text}{_window(f)}{_line(f)} came out "
                        f"{len(hits)} time(s):")
             out.extend(f"             {summary(r, _detail_paths(f))}" for r in hits[:SHOWN])
     for r in unexpected_alerts(scenario, records):
-        why = excuse(r) if excuse is not None else None
+        why = rig.excuse(r, records) if rig is not None else None
         if why is not None:
             out.append(f"  excused    {summary(r)}: {why}")
             continue
-        verdict.passed = False
+        verdict.passed = rigs_doing = False
         out.append(f"  UNEXPECTED {summary(r)} (not expected by the scenario, nor in "
                    "allow_alerts)")
+    disturbed = rig.summary() if rig is not None else None
     if disturbed is not None:
         out.append(f"  RIG        {disturbed}")
+        if not verdict.passed and rigs_doing:
+            verdict.rerun_because = disturbed
     return verdict
 
 

@@ -59,12 +59,21 @@ class RigOptions:
     profile: Path = REFERENCE_PROFILE
     ready_timeout_s: float = 90.0
     """A cold start inside User-Mode Linux takes several seconds."""
+    attempt: int = 1
+    """A second attempt gets its own work directory, so the first one's log and state stay
+    for a look, and its own vehicle id, so the first one's retained messages stay out."""
+
+    def vehicle_id(self, scenario: Scenario) -> str:
+        """The car's id in this attempt."""
+        suffix = f"-{self.attempt}" if self.attempt > 1 else ""
+        return f"{scenario.vehicle_id}{suffix}"
 
 
 @dataclass
 class _Run:
     scenario: Scenario
     clock: Clock
+    vehicle_id: str
     records: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
     t0: float | None = None
     problems: list[str] = field(default_factory=list)
@@ -83,7 +92,8 @@ async def run_scenario(scenario: Scenario, options: RigOptions,
                        clock: Clock | None = None) -> Verdict:
     """Run ``scenario`` against a fresh gateway process and judge what came out."""
     clock = clock or SystemClock()
-    workdir = options.workdir / scenario.name
+    vehicle_id = options.vehicle_id(scenario)
+    workdir = options.workdir / vehicle_id.removeprefix("hil-")
     # A fresh gateway each run: a kept state directory would bring back latched alerts,
     # the outbox and the replay cache of the last one.
     shutil.rmtree(workdir, ignore_errors=True)
@@ -105,7 +115,7 @@ async def run_scenario(scenario: Scenario, options: RigOptions,
         key = generate_private_key(workdir / "rig.key")
         settings = write_settings(scenario, options, workdir,
                                   key_entry("hil rig", "service", key.public_key()), gnss_device)
-        return await _run(_Run(scenario, clock), options, car, settings, key)
+        return await _run(_Run(scenario, clock, vehicle_id), options, car, settings, key)
 
 
 async def _run(run: _Run, options: RigOptions, car: LiveVehicle, settings: Path,
@@ -118,7 +128,7 @@ async def _run(run: _Run, options: RigOptions, car: LiveVehicle, settings: Path,
     try:
         async with aiomqtt.Client(*options.broker, identifier=f"hil-rig-{scenario.name}",
                                   protocol=aiomqtt.ProtocolVersion.V5) as client:
-            await client.subscribe(f"{PREFIX}/{scenario.vehicle_id}/#", qos=1)
+            await client.subscribe(f"{PREFIX}/{run.vehicle_id}/#", qos=1)
             listener = asyncio.create_task(_listen(client, run), name="hil-listen")
             with log_path.open("wb") as log_file:
                 gateway = subprocess.Popen(
@@ -146,10 +156,17 @@ async def _run(run: _Run, options: RigOptions, car: LiveVehicle, settings: Path,
         except Exception as exc:  # any failure of the car is the run's problem
             run.problems.append(f"the simulated car failed: {exc!r}")
     run.problems += _log_problems(log_path, tail=bool(run.problems))
-    stalls = CarStalls(in_scenario_time(car.stalls, run.t0 if run.t0 is not None else 0.0,
-                                        ran), receive_watches(options.profile))
-    return evaluate(scenario, run.scenario_records(), ran, run.problems,
-                    excuse=stalls.excuse, disturbed=stalls.summary())
+    # Without a time 0 the gateway never came online: nothing was judged against the car.
+    stalls = CarStalls(in_scenario_time(car.stalls, run.t0, ran) if run.t0 is not None else (),
+                       receive_watches(_profile_of(scenario, options, settings.parent)), ran)
+    return evaluate(scenario, run.scenario_records(), ran, run.problems, stalls)
+
+
+def _profile_of(scenario: Scenario, options: RigOptions, workdir: Path) -> Path:
+    """The profile the gateway runs with: the rig's, unless the scenario's settings name
+    another (relative to the settings file, as the gateway reads it)."""
+    named = scenario.settings.get("gateway", {}).get("profile")
+    return workdir / Path(named).expanduser() if named else options.profile
 
 
 def write_settings(scenario: Scenario, options: RigOptions, workdir: Path, key_toml: str,
@@ -159,7 +176,8 @@ def write_settings(scenario: Scenario, options: RigOptions, workdir: Path, key_t
     keys.write_text(key_toml)
     bus_name = load_profile(options.profile).buses[0].name
     base: dict[str, Any] = {
-        "gateway": {"vehicle_id": scenario.vehicle_id, "profile": str(options.profile),
+        "gateway": {"vehicle_id": options.vehicle_id(scenario),
+                    "profile": str(options.profile),
                     "state_dir": str(workdir / "state")},
         "mqtt": {"host": options.broker[0], "port": options.broker[1], "protocol": "5",
                  "backoff_min": 0.2, "backoff_max": 2.0},
@@ -189,7 +207,7 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _listen(client: aiomqtt.Client, run: _Run) -> None:
-    prefix = f"{PREFIX}/{run.scenario.vehicle_id}/"
+    prefix = f"{PREFIX}/{run.vehicle_id}/"
     async for message in client.messages:
         topic = str(message.topic)[len(prefix):]
         raw = message.payload if isinstance(message.payload, bytes) else b""
@@ -238,7 +256,7 @@ async def _timeline(run: _Run, car: LiveVehicle, vehicle: asyncio.Task[int],
         while pending and pending[0].at <= run.now():
             step = pending.pop(0)
             if step.do == "command":
-                await _command(client, scenario, step, key, run.clock)
+                await _command(client, run.vehicle_id, step, key, run.clock)
             else:
                 car.apply(step)
         new = run.scenario_records(fed)
@@ -250,11 +268,11 @@ async def _timeline(run: _Run, car: LiveVehicle, vehicle: asyncio.Task[int],
         await run.clock.sleep(POLL_S)
 
 
-async def _command(client: aiomqtt.Client, scenario: Scenario, step: Step, key: Any,
+async def _command(client: aiomqtt.Client, vehicle_id: str, step: Step, key: Any,
                    clock: Clock) -> None:
-    command = build_command(scenario.vehicle_id, step.args["cmd"], step.args["args"], key,
+    command = build_command(vehicle_id, step.args["cmd"], step.args["args"], key,
                             COMMAND_TTL_S, clock.time())
-    await client.publish(Topics(scenario.vehicle_id).command_request,
+    await client.publish(Topics(vehicle_id).command_request,
                          env.sign_command(command, key), qos=1)
 
 

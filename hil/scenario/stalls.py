@@ -6,14 +6,17 @@ broker), and now and then it wakes late. The gateway then sees a fast message fa
 silent for longer than its staleness window, and is right to say so. The car records
 each stall (:class:`hil.sim.runner.Stall`); this module turns them into two answers:
 
-- an ``rx.<Message>.timeout`` alert that a stall explains is *excused*: the message
-  really was missing on the bus, and the report says so instead of failing;
-- a run with a stall long enough to make any watched message look silent is
-  *disturbed*: the suite runs a failed, disturbed scenario once more, and says so.
+- an ``rx.<Message>.timeout`` alert that a stall explains, and that clears again once
+  the car is back, is *excused*: the message really was missing on the bus, and the
+  report says so instead of failing;
+- a failed run in which nothing but expectations failed, each after a stall long enough
+  to make a watched message look silent, is *run again* by the suite, which says so.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +25,16 @@ from gateway.config import load_profile
 from gateway.decode import build_plans
 from gateway.state import StateStore
 from hil.scenario.check import Record
-from hil.sim.runner import Stall
+from hil.sim.runner import MAX_STALLS, Stall
 
 ALERT_LAG_S = 1.0
 """From the end of a stall to the alert reaching the rig: one evaluation tick, then the
 broker; generous, because the machine that stalled is the one that delivers it."""
+CLEARED_WITHIN_S = 3.0
+"""An excused timeout must clear this soon after it was raised: the message is back once
+the car is. One that stays raised is a gateway that stopped hearing the bus."""
+EARLY_S = 0.005
+"""The car sends a frame up to one simulation step before it is due."""
 _TIMEOUT_KEY = re.compile(r"rx\.(?P<name>.+)\.timeout")
 
 
@@ -40,10 +48,12 @@ class Watch:
     @property
     def tolerates_s(self) -> float:
         """The longest stall of its sender that cannot make this message look silent: the
-        frame after a stall comes at most one cycle plus the stall after the last one."""
-        return self.window_s - self.cycle_s
+        frame after a stall comes at most one cycle plus the stall after the last one, which
+        may have gone out a step early."""
+        return self.window_s - self.cycle_s - EARLY_S
 
 
+@functools.cache
 def receive_watches(profile: Path) -> dict[str, Watch]:
     """Every cyclic mapped message of ``profile`` with the window its timeout uses (the
     longest staleness window of its signals, as the safety monitor computes it)."""
@@ -63,18 +73,24 @@ class CarStalls:
 
     stalls: tuple[Stall, ...]
     watches: dict[str, Watch]
+    ended: float = math.inf
+    """When the run ended: a timeout raised shortly before had no time to clear."""
 
-    def excuse(self, record: Record) -> str | None:
-        """Why a raised ``rx.<Message>.timeout`` alert is the car's doing, or None."""
+    def excuse(self, record: Record, records: list[Record]) -> str | None:
+        """Why a raised ``rx.<Message>.timeout`` alert is the car's doing, or None: it came
+        during or just after a stall that message cannot absorb, and cleared soon after."""
         key = str(record.payload.get("alert", {}).get("key", ""))
         m = _TIMEOUT_KEY.fullmatch(key)
         watch = self.watches.get(m["name"]) if m else None
-        if watch is None:
+        if m is None or watch is None:
+            return None
+        if record.t + CLEARED_WITHIN_S <= self.ended and \
+                not _cleared_soon(key, record.t, records):
             return None
         for s in self.stalls:
             if s.length > watch.tolerates_s and s.start <= record.t <= s.end + ALERT_LAG_S:
                 return (f"the simulated car stalled {s.length * 1000:.0f} ms at "
-                        f"{s.start:.1f} s; {m['name'] if m else key} is stale after "
+                        f"{s.start:.1f} s; {m['name']} is stale after "
                         f"{watch.window_s * 1000:.0f} ms")
         return None
 
@@ -85,20 +101,30 @@ class CarStalls:
         least = min(w.tolerates_s for w in self.watches.values())
         return [s for s in self.stalls if s.length > least]
 
+    def disturbed_before(self, t: float) -> bool:
+        """Whether a disturbing stall began before scenario time ``t``."""
+        return any(s.start < t for s in self.disturbing())
+
     def summary(self) -> str | None:
         """One line on the disturbing stalls, or None when there were none."""
         bad = self.disturbing()
         if not bad:
             return None
         worst = max(bad, key=lambda s: s.length)
-        return (f"the simulated car stalled {len(bad)} time(s) long enough for a fast "
-                f"message to look silent (worst {worst.length * 1000:.0f} ms at "
-                f"{worst.start:.1f} s): a busy host, not the gateway")
+        count = f"{len(bad)}{' or more' if len(self.stalls) >= MAX_STALLS else ''}"
+        return (f"the simulated car stalled {count} time(s) long enough for a fast message "
+                f"to look silent (worst {worst.length * 1000:.0f} ms at {worst.start:.1f} s)")
+
+
+def _cleared_soon(key: str, raised_at: float, records: list[Record]) -> bool:
+    return any(r.topic == "alerts" and r.payload.get("transition") == "cleared"
+               and r.payload.get("alert", {}).get("key") == key
+               and raised_at <= r.t <= raised_at + CLEARED_WITHIN_S for r in records)
 
 
 def in_scenario_time(stalls: list[Stall], t0: float, until: float) -> tuple[Stall, ...]:
     """``stalls`` (monotonic) shifted so that ``t0`` is scenario time 0, keeping those that
-    overlap the judged part of the run: from the last second of the gateway's start (its
-    alerts could arrive after time 0) to ``until``, when the run ended and teardown began."""
+    began before ``until``, when the run ended and teardown began. Those of the gateway's
+    start stay: alerts from then are judged too."""
     shifted = (Stall(s.end - t0, s.length) for s in stalls)
-    return tuple(s for s in shifted if s.end >= -ALERT_LAG_S and s.start <= until)
+    return tuple(s for s in shifted if s.start <= until)

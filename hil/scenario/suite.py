@@ -10,6 +10,7 @@ Linux (hil/uml.py), which boots a real kernel with vcan as an ordinary process.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import shutil
 import sys
@@ -58,9 +59,10 @@ def run_files(files: Sequence[Path], sim_bus: str, gateway_bus: str | None = Non
               out: TextIO = sys.stdout) -> int:
     """Run the scenarios one after the other; 0 when all pass, 1 when any fails.
 
-    A scenario that failed in a run the simulated car disturbed (it stalled long enough
-    for a message to look silent; :mod:`hil.scenario.stalls`) runs once more, and that
-    second run decides. Both reports are printed.
+    A scenario whose every failure the simulated car may have caused (it stalled long
+    enough for a message to look silent before each failed expectation was due, and
+    nothing else failed; :mod:`hil.scenario.stalls`) runs once more, in its own work
+    directory, and that second run decides. Both reports are printed.
     """
     try:
         scenarios = load_all(files)
@@ -100,21 +102,25 @@ def run_files(files: Sequence[Path], sim_bus: str, gateway_bus: str | None = Non
     return FAILED if failed else PASSED
 
 
-def run_twice_if_disturbed(run: Callable[[], Verdict], out: TextIO) -> tuple[Verdict, bool]:
-    """``run()``, and once more when it failed while the rig disturbed it (its report is
-    printed first). Returns the deciding verdict and whether there was a second run."""
-    verdict = run()
-    if verdict.passed or verdict.disturbed is None:
+def run_twice_if_disturbed(run: Callable[[int], Verdict], out: TextIO,
+                           ) -> tuple[Verdict, bool]:
+    """``run(1)``, and ``run(2)`` when the first failed in a way the rig may have caused
+    (its report is printed first). Returns the deciding verdict and whether there was a
+    second run."""
+    verdict = run(1)
+    if verdict.passed or verdict.rerun_because is None:
         return verdict, False
     print(verdict.report(), file=out, flush=True)
-    print(f"--- {verdict.scenario.name} again: the car stalled in that run, so it does not "
-          "count", file=out, flush=True)
-    return run(), True
+    print(f"--- {verdict.scenario.name} again: the car stalled before each failed "
+          "expectation was due, so this run may have been the rig's doing", file=out,
+          flush=True)
+    return run(2), True
 
 
-def _run_one(scenario: Scenario, options: RigOptions) -> Verdict:
+def _run_one(scenario: Scenario, options: RigOptions, attempt: int) -> Verdict:
     try:
-        return asyncio.run(run_scenario(scenario, options))
+        return asyncio.run(run_scenario(scenario, dataclasses.replace(options,
+                                                                      attempt=attempt)))
     except (OSError, can.CanError, ValueError) as exc:
         # A bus that is down or a typo in --bus: this scenario cannot run, the others may.
         return Verdict(scenario, False, 0.0, [f"  PROBLEM    {exc}"])
