@@ -74,11 +74,7 @@ def interface_exists(name: str) -> bool:
 
 def find_uml() -> str | None:
     """Path of the ``linux.uml`` kernel binary, or None."""
-    found = shutil.which("linux.uml")
-    if found:
-        return found
-    fallback = Path("/usr/bin/linux.uml")
-    return str(fallback) if fallback.is_file() else None
+    return _find_tool("linux.uml")
 
 
 def _find_tool(name: str) -> str | None:

@@ -3,6 +3,7 @@ scenario is one error naming file, line and key (hil/scenario/spec.py, suite.py,
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 from collections.abc import Callable, Iterator
@@ -280,3 +281,24 @@ async def test_a_flood_sends_exactly_rate_times_duration_frames_of_its_ids() -> 
     assert car.flooded == 200
     assert len(ids) == 200
     assert set(ids) == {(0x7A0, False), (0x18FF00F9, True)}
+
+
+async def test_a_ramp_step_moves_the_signal_in_real_time_and_holds_the_end() -> None:
+    bus = can.Bus(interface="virtual", channel="hil-ramp")
+    clock = ManualClock()
+    try:
+        car = LiveVehicle(bus, VehicleModel(), clock)
+        ramp = asyncio.create_task(car._ramp({"message": "BMS_Temps", "signal": "BMS_MaxTemp",
+                                              "from": 20.0, "to": 60.0, "over_s": 2.0}))
+        for _ in range(10_000):  # bounded: a ramp that never sleeps must fail, not hang
+            if clock.monotonic() >= 1.0:
+                break
+            await asyncio.sleep(0)
+        assert clock.monotonic() == pytest.approx(1.0)
+        # Half-way in time, half-way in value (updates come every 0.1 s).
+        assert car.ecus.overrides["BMS_Temps"]["BMS_MaxTemp"] == pytest.approx(40.0, abs=2.0)
+        await ramp
+    finally:
+        bus.shutdown()
+    assert clock.monotonic() == pytest.approx(2.0)
+    assert car.ecus.overrides["BMS_Temps"]["BMS_MaxTemp"] == 60.0

@@ -121,6 +121,12 @@ class MessagePlan:
         """Every sample of this message (to invalidate them together)."""
         return [self.sample, *self.page_groups.values()]
 
+    def stale_window(self) -> float | None:
+        """How long the message may stay silent before every value it carries is stale: the
+        longest staleness window of its signals (None: event-driven, never stale)."""
+        return max((d.slot.stale_after for decodes in self.signals.values() for d in decodes
+                    if d.slot.stale_after is not None), default=None)
+
 
 @dataclass
 class BusPlan:

@@ -166,10 +166,9 @@ class SafetyMonitor:
 
     def _timeout_rule(self, bus: BusPlan, plan: MessagePlan,
                       slots: Sequence[SignalState]) -> Rule | None:
-        windows = [s.stale_after for s in slots if s.stale_after is not None]
-        if not windows:
+        window = plan.stale_window()
+        if window is None:
             return None  # event-driven: silence is normal
-        window = max(windows)
         samples = [p.all_samples() for p in bus.mapped.values()]
         asleep, woke = False, -math.inf
 

@@ -126,14 +126,12 @@ class LiveVehicle:
         self._tasks.append(asyncio.ensure_future(work))
 
     async def _ramp(self, a: dict[str, Any]) -> None:
+        # The offline simulator's ramp, played in real time from now.
         start = self.clock.monotonic()
-        v0, v1, span = float(a["from"]), float(a["to"]), float(a["over_s"])
-        while True:
-            k = min(1.0, (self.clock.monotonic() - start) / span)
-            faults.set_signal(a["message"], a["signal"], v0 + (v1 - v0) * k)(self.ecus)
-            if k >= 1.0:
-                return
-            await self.clock.sleep(RAMP_EVERY_S)
+        for event in faults.ramp(a["message"], a["signal"], 0.0, float(a["over_s"]),
+                                 float(a["from"]), float(a["to"]), RAMP_EVERY_S):
+            await self.clock.sleep(start + event.at - self.clock.monotonic())
+            event.action(self.ecus)
 
     async def _flood(self, ids: list[int], rate_hz: float, duration_s: float) -> None:
         # Exactly rate x duration frames, paced in small batches: the point is a bus busy

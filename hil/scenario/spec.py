@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from paho.mqtt.client import topic_matches_sub
+
 from gateway.commands.keys import COMMANDS
 from gateway.config.errors import ConfigError
 from gateway.config.toml_table import Table, read_toml
@@ -195,9 +197,8 @@ def compare(op: str, actual: Any, expected: Any) -> bool:
 
 
 def topic_matches(pattern: str, topic: str) -> bool:
-    """MQTT-style match with ``+`` for one level."""
-    want, got = pattern.split("/"), topic.split("/")
-    return len(want) == len(got) and all(w in ("+", g) for w, g in zip(want, got, strict=True))
+    """MQTT subscription matching (``+`` one level, ``#`` the rest), as paho does it."""
+    return topic_matches_sub(pattern, topic)
 
 
 def load_scenario(path: Path) -> Scenario:

@@ -55,15 +55,14 @@ class Watch:
 
 @functools.cache
 def receive_watches(profile: Path) -> dict[str, Watch]:
-    """Every cyclic mapped message of ``profile`` with the window its timeout uses (the
-    longest staleness window of its signals, as the safety monitor computes it)."""
+    """Every cyclic mapped message of ``profile`` with the window its timeout uses
+    (:meth:`MessagePlan.stale_window`, as the safety monitor reads it)."""
     out: dict[str, Watch] = {}
     for bus in build_plans(load_profile(profile), StateStore()).values():
         for plan in bus.mapped.values():
-            windows = [d.slot.stale_after for decodes in plan.signals.values()
-                       for d in decodes if d.slot.stale_after is not None]
-            if windows and plan.cycle_s:
-                out[plan.name] = Watch(max(windows), plan.cycle_s)
+            window = plan.stale_window()
+            if window is not None and plan.cycle_s:
+                out[plan.name] = Watch(window, plan.cycle_s)
     return out
 
 
