@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import itertools
 from pathlib import Path
 
 import can
 import pytest
+from can.interfaces.virtual import VirtualBus
 
 from gateway.clock import ManualClock
 from hil.scenario.check import Record, Verdict, evaluate
@@ -20,7 +22,8 @@ from hil.scenario.stalls import CarStalls, in_scenario_time, receive_watches
 from hil.scenario.suite import run_twice_if_disturbed
 from hil.sim.ecus import VehicleEcus
 from hil.sim.model import VehicleModel
-from hil.sim.runner import STALL_S, Stall, run_vehicle
+from hil.sim.runner import MAX_CATCH_UP_S, STALL_S, Stall, run_vehicle
+from tests.test_sim_faults import speed_limit_frame
 
 SCENARIO = """\
 [scenario]
@@ -88,6 +91,77 @@ async def test_the_car_records_a_stall_with_its_length_and_end() -> None:
 async def test_lateness_under_the_threshold_is_not_a_stall() -> None:
     stalls, _ = await run_car_held_up("stalls-car-2", STALL_S * 0.8)
     assert stalls == []
+
+
+async def test_a_long_stall_freezes_the_car_instead_of_living_through_it() -> None:
+    clock = ManualClock()
+    bus = can.Bus(interface="virtual", channel="stalls-freeze", receive_own_messages=False)
+    ecus = VehicleEcus(VehicleModel(mode="drive"))
+    ecus.receive([speed_limit_frame(20, 0)])  # the valet cap, as the gateway sends it
+    stop = asyncio.Event()
+    try:
+        car = asyncio.create_task(run_vehicle(bus, ecus, clock, stop))
+        for _ in range(20):  # 0.1 s on time
+            await asyncio.sleep(0)
+        before = ecus.model.t
+        clock.advance(4.0)  # the host held the car up for 4 s
+        for _ in range(2):  # one pass: the catch-up
+            await asyncio.sleep(0)
+        stop.set()
+        await car
+    finally:
+        bus.shutdown()
+    # Only MAX_CATCH_UP_S of the 4 s was simulated: not enough for the MCU to drop the cap
+    # it heard no renewal of (0.5 s), so the car does not speed off on the rig's pause.
+    assert ecus.model.t - before == pytest.approx(MAX_CATCH_UP_S, abs=0.011)
+    assert ecus.model.speed_cap_kmh == 20.0
+
+
+class RefusingBus(VirtualBus):
+    """A real virtual bus that refuses to transmit while ``refusing`` is set, as vcan
+    answers ENOBUFS when its softirq falls behind (which this host's kernel cannot show)."""
+
+    refusing = False
+
+    def send(self, msg: can.Message, timeout: float | None = None) -> None:
+        if self.refusing:
+            raise can.CanOperationError("Failed to transmit: No buffer space available")
+        super().send(msg, timeout)
+
+
+async def test_frames_the_bus_refuses_wait_and_go_out_in_order_as_a_stall() -> None:
+    clock = ManualClock()
+    tx = RefusingBus(channel="stalls-refuse", receive_own_messages=False)
+    rx = can.Bus(interface="virtual", channel="stalls-refuse")
+    stop = asyncio.Event()
+    stalls: list[Stall] = []
+    try:
+        car = asyncio.create_task(run_vehicle(tx, VehicleEcus(VehicleModel(mode="drive")),
+                                              clock, stop, stalls=stalls))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        tx.refusing = True
+        refused_at = clock.monotonic()
+        for _ in range(20):  # 0.1 s in which nothing goes out
+            await asyncio.sleep(0)
+        tx.refusing = False
+        for _ in range(4):
+            await asyncio.sleep(0)
+        stop.set()
+        sent = await car
+        frames = []
+        while (msg := rx.recv(0)) is not None:
+            frames.append(msg)
+    finally:
+        tx.shutdown()
+        rx.shutdown()
+    assert len(frames) == sent  # nothing was lost
+    drive = [m.data for m in frames if m.arbitration_id == 0x200]  # MCU_Drive, every 20 ms
+    counters = [d[6] & 0x0F for d in drive]
+    assert all(b == (a + 1) % 16 for a, b in itertools.pairwise(counters)), counters
+    [stall] = stalls
+    assert stall.start == pytest.approx(refused_at, abs=0.006)
+    assert stall.length == pytest.approx(0.1, abs=0.011)
 
 
 def test_watches_come_from_the_profile_as_the_monitor_computes_them(
@@ -267,3 +341,17 @@ def test_a_second_attempt_has_its_own_vehicle_id(scenario: Scenario, tmp_path: P
     second = dataclasses.replace(first, attempt=2)
     assert first.vehicle_id(scenario) == "hil-stalls"
     assert second.vehicle_id(scenario) == "hil-stalls-2"
+
+
+def test_a_forbidden_receive_timeout_that_a_stall_explains_is_excused(
+        tmp_path: Path, watches: CarStalls) -> None:
+    path = tmp_path / "quiet.toml"
+    path.write_text(SCENARIO + '[[forbid]]\nalert = "rx.*"\n')
+    quiet = load_scenario(path)
+    records = [OVERVOLTAGE, timeout(5.2, "MCU_Drive"), cleared(5.3, "MCU_Drive")]
+    explained = evaluate(quiet, records, 20.0, [], stalls_of(watches, Stall(5.1, 0.1)))
+    assert explained.passed, explained.report()
+    assert "\n  excused " in explained.report()
+    unexplained = evaluate(quiet, records, 20.0, [], watches)
+    assert not unexplained.passed and unexplained.rerun_because is None
+    assert "FORBIDDEN  alert rx.* raised" in unexplained.report()

@@ -129,17 +129,22 @@ def evaluate(scenario: Scenario, records: list[Record], ran_s: float,
         rigs_doing = rigs_doing and rig is not None and rig.disturbed_before(due)
         out.append(f"  MISSING    {e.text}{_window(e)}{_line(e)}")
         out.extend(_what_came_out(e, records))
+    def excused(r: Record) -> bool:
+        why = rig.excuse(r, records) if rig is not None else None
+        if why is not None:
+            out.append(f"  excused    {summary(r)}: {why}")
+        return why is not None
+
     for f in scenario.forbid:
-        hits = [r for r in records if f.in_window(r.t) and f.matches(r.topic, r.payload)]
+        hits = [r for r in records if f.in_window(r.t) and f.matches(r.topic, r.payload)
+                and not excused(r)]
         if hits:
             verdict.passed = rigs_doing = False
             out.append(f"  FORBIDDEN  {f.text}{_window(f)}{_line(f)} came out "
                        f"{len(hits)} time(s):")
             out.extend(f"             {summary(r, _detail_paths(f))}" for r in hits[:SHOWN])
     for r in unexpected_alerts(scenario, records):
-        why = rig.excuse(r, records) if rig is not None else None
-        if why is not None:
-            out.append(f"  excused    {summary(r)}: {why}")
+        if excused(r):
             continue
         verdict.passed = rigs_doing = False
         out.append(f"  UNEXPECTED {summary(r)} (not expected by the scenario, nor in "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from dataclasses import dataclass
 
 import can
@@ -21,6 +22,15 @@ STALL_S = 0.03
 as much, and the fastest ones (20 ms cycle, 60 ms staleness window) come close to looking
 silent to the gateway. A real ECU never stalls; a simulated one on a busy host can."""
 MAX_STALLS = 1000
+TX_QUEUE = 500
+"""Frames the car holds while the bus refuses them (ENOBUFS when vcan's softirq falls
+behind): about two seconds of its traffic. Beyond that the oldest is dropped and counted."""
+MAX_CATCH_UP_S = 0.25
+"""A longer stall is caught up only this far; for the rest the car freezes with the host
+(no frames, no physics). Living through seconds it could not hear the gateway in would
+let its controllers' timeouts fire (the MCU drops a speed cap after 0.5 s without
+GW_SpeedLimit), and the car would speed past a cap that the gateway never stopped
+sending. Kept below that timeout."""
 
 
 @dataclass(frozen=True)
@@ -48,13 +58,15 @@ async def run_vehicle(
 
     Frames are stamped with wall-clock time when sent, as a kernel would. With
     ``stalls``, each time the car woke :data:`STALL_S` or more late is appended to it
-    (at most :data:`MAX_STALLS`), so a rig can tell a gateway's fault from its own.
+    (at most :data:`MAX_STALLS`), so a rig can tell a gateway's fault from its own. A
+    stall is caught up (the missed frames sent in due order) for at most
+    :data:`MAX_CATCH_UP_S`; beyond that the car froze with the host.
     Returns the number of frames sent.
     """
     model: VehicleModel = ecus.model
     start = clock.monotonic()
     sim_t = 0.0
-    sent = 0
+    tx = _TxQueue(bus, clock, stalls)
     while not stop.is_set():
         now = clock.monotonic()
         target = now - start
@@ -62,25 +74,69 @@ async def run_vehicle(
         late = target - sim_t - step
         if stalls is not None and late >= STALL_S and len(stalls) < MAX_STALLS:
             stalls.append(Stall(now, late + step))
+        if late > MAX_CATCH_UP_S:
+            start += late - MAX_CATCH_UP_S
+            target = now - start
         while sim_t < target:
             model.step(step)
             sim_t += step
             # Per step, so that after a stall (a loaded machine) the catch-up burst goes out
             # in the order the ECUs would have sent it: one message's backlog first, then the
             # next, would look to the gateway like a node that fell silent.
-            for frame in ecus.due_frames(sim_t):
-                frame.timestamp = clock.time()
-                try:
-                    bus.send(frame)
-                    sent += 1
-                except can.CanError as exc:  # a full TX queue on vcan: drop, as an ECU would
-                    log.debug("send failed: %s", exc)
+            tx.send(ecus.due_frames(sim_t))
+        tx.retry()
         inbound = []
         while (msg := bus.recv(timeout=0)) is not None:
             inbound.append(msg)
         ecus.receive(inbound)
         await clock.sleep(step)
-    return sent
+    return tx.sent
+
+
+class _TxQueue:
+    """The car's transmit queue: a frame the bus refuses waits and goes out in order on
+    the next pass, as a CAN controller retries, instead of being lost. The time the queue
+    stayed blocked is a stall of the car: its frames were late on the bus."""
+
+    def __init__(self, bus: can.BusABC, clock: Clock, stalls: list[Stall] | None) -> None:
+        self._bus = bus
+        self._clock = clock
+        self._stalls = stalls
+        self._waiting: deque[can.Message] = deque()
+        self._blocked_since: float | None = None
+        self.sent = 0
+        self.dropped = 0
+        """Frames dropped (oldest first) because more than TX_QUEUE were waiting."""
+
+    def send(self, frames: list[can.Message]) -> None:
+        """Queue ``frames`` behind any waiting ones and send what the bus takes."""
+        self._waiting.extend(frames)
+        while len(self._waiting) > TX_QUEUE:
+            self._waiting.popleft()
+            self.dropped += 1
+        self.retry()
+
+    def retry(self) -> None:
+        """Send waiting frames until the bus refuses one or none are left."""
+        while self._waiting:
+            frame = self._waiting[0]
+            frame.timestamp = self._clock.time()
+            try:
+                self._bus.send(frame)
+            except can.CanError as exc:
+                if self._blocked_since is None:
+                    self._blocked_since = self._clock.monotonic()
+                    log.debug("bus refused a frame, holding it: %s", exc)
+                return
+            self._waiting.popleft()
+            self.sent += 1
+        if self._blocked_since is not None:
+            now = self._clock.monotonic()
+            blocked = now - self._blocked_since
+            self._blocked_since = None
+            if self._stalls is not None and blocked >= STALL_S and \
+                    len(self._stalls) < MAX_STALLS:
+                self._stalls.append(Stall(now, blocked))
 
 
 def open_sim_bus(interface: str, channel: str) -> can.BusABC:
